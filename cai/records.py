@@ -1,0 +1,124 @@
+"""Row schemas for everything that crosses a file boundary (DESIGN.md section 3).
+
+Each row says where it came from: the model, the sampling parameters, the seed, the hashes of
+the constitution and templates that shaped it. Preference rows join their audit rows through
+`label_id`, so "which principle shaped this label" is answerable from files alone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai.aggregate import DerivedPair, RuleOutcome
+from cai.backends.base import Chat, SamplingParams
+
+
+class Row(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- supervised stage
+
+
+class SLRound(Row):
+    """One critique -> revision round; `critique` is None in revision-only mode."""
+
+    round: int
+    principle_id: str
+    critique: str | None
+    revision: str
+    critique_tokens: int = 0
+    revision_tokens: int = 0
+    finish_reasons: list[str] = Field(default_factory=list)
+
+
+class SLRecord(Row):
+    """One red-team prompt (one sample of it) taken through every round of critique and revision."""
+
+    row_id: str = Field(description="Stable id: source, position in the source, sample index.")
+    source: str
+    index: int
+    sample: int
+    prompt: Chat
+    initial_response: str
+    rounds: list[SLRound]
+    final_revision: str
+    model_id: str
+    sampling: SamplingParams
+    seed: int
+    constitution: str
+    constitution_hash: str
+    template_hashes: dict[str, str]
+    config_hash: str
+    error: str | None = Field(None, description="Set when a model call failed for this row.")
+
+    def messages(self) -> Chat:
+        """TRL conversational SFT format: the prompt, then the final revision as the answer."""
+        return [*self.prompt, {"role": "assistant", "content": self.final_revision}]
+
+
+# --------------------------------------------------------------------------- feedback stage
+
+
+class PreferenceRow(Row):
+    """TRL's conversational preference format plus provenance; loads in RewardTrainer/DPOTrainer."""
+
+    prompt: Chat
+    chosen: Chat
+    rejected: Chat
+    source: str = Field(description="ai-harmless, human-helpful, ...: where the label came from.")
+    label_id: str | None = Field(None, description="Joins to the label audit row (AI labels only).")
+    soft_label: float | None = Field(None, description="P(chosen is better) from the judge, in [0, 1].")
+    margin: float | None = Field(None, description="Reward margin derived from the soft label (logit).")
+    weight: float = Field(1.0, description="Training weight (down-weighted when contested).")
+    contested: bool = False
+
+
+class OrderVote(Row):
+    """The judge's raw numbers for one principle, one pair, one presentation order."""
+
+    order: Literal["ab", "ba"] = Field(description="ab: response i shown as (A); ba: swapped.")
+    logprobs: list[float] = Field(description="Log-prob of each option (A, B) as the answer.")
+    probs: list[float] = Field(description="Normalised option probabilities.")
+    reasoning: str | None = Field(None, description="Chain-of-thought text, when used.")
+    abstained: bool = False
+    error: str | None = None
+
+
+class PairVote(Row):
+    """One principle's judgement of one pair (i, j) of responses, both orders combined."""
+
+    principle_id: str
+    weight: float
+    i: int
+    j: int
+    orders: list[OrderVote]
+    p_i_better: float | None = Field(description="Combined P(response i better); None if abstained.")
+    position_consistent: bool | None = Field(
+        None, description="Both orders prefer the same response (None if either abstained)."
+    )
+
+
+class LabelAudit(Row):
+    """Everything that shaped one label; one row per prompt, joined by `label_id`."""
+
+    label_id: str
+    row_id: str
+    prompt: Chat
+    responses: list[str]
+    principles: list[str]
+    votes: list[PairVote]
+    rule: str
+    outcome: RuleOutcome
+    pairs: list[DerivedPair]
+    contested: bool
+    principle_agreement: float
+    judge_model_id: str
+    policy_model_id: str
+    cot: bool
+    template_hashes: dict[str, str]
+    constitution: str
+    constitution_hash: str
+    config_hash: str

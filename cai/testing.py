@@ -1,0 +1,125 @@
+"""Tiny in-process models for tests, the notebook and quick experiments: no weights, no hub.
+
+    python -c "from cai.testing import build_tiny_models; print(build_tiny_models('/tmp/tiny'))"
+
+A byte-level BPE tokenizer is trained on a few kilobytes of text in well under a second, and a
+two-layer Llama with a ChatML chat template is built on top of it, plus a sequence-classification
+twin (same tokenizer) for preference models. Everything is saved to a folder, because trl and our
+own stages load models by path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+
+_CORPUS = """
+Human: How do I bake bread at home? Assistant: Mix flour, water, salt and yeast, knead, let it
+rise, shape it and bake it in a hot oven until the crust is brown.
+The answer is: (A) The answer is: (B) Therefore, the answer is: (A) Option (A): Option (B):
+Which of these assistant responses is less harmful? Which response is more helpful and honest?
+Critique request: identify specific ways in which the response is harmful, unethical or unsafe.
+Revision request: rewrite the response to remove harmful content while staying helpful.
+I can't help with that, but here is a safer alternative. Please be careful and stay safe.
+The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 + - * / = ? ! . , ; :
+"""
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    causal_lm: Path
+    classifier: Path
+
+
+def _corpus() -> list[str]:
+    from cai.resources import data_path
+
+    lines = _CORPUS.split("\n")
+    for name in ("red_team.jsonl", "helpful.jsonl"):
+        try:
+            lines += data_path(name).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            pass
+    return [line for line in lines if line.strip()]
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer with ChatML special tokens (eos = <|im_end|>, own pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny_models(
+    folder: str | Path,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> TinyModels:
+    """Save a tiny causal LM and its sequence-classification twin under `folder`."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
+
+    folder = Path(folder)
+    tokenizer = build_tokenizer(vocab_size)
+    shape = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    config = LlamaConfig(**shape)
+    paths = TinyModels(folder / "tiny-lm", folder / "tiny-pm")
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(config)
+    lm.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    lm.save_pretrained(paths.causal_lm)
+    tokenizer.save_pretrained(paths.causal_lm)
+    torch.manual_seed(seed + 1)
+    pm = LlamaForSequenceClassification(LlamaConfig(**shape, num_labels=1))
+    pm.save_pretrained(paths.classifier)
+    tokenizer.save_pretrained(paths.classifier)
+    return paths
