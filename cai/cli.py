@@ -29,6 +29,8 @@ models_app = typer.Typer(help="Resolve model names (built-in, local folder, hub 
 app.add_typer(constitution_app, name="constitution")
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(models_app, name="models")
+generate_app = typer.Typer(help="Generate datasets (the supervised stage).", no_args_is_help=True)
+app.add_typer(generate_app, name="generate")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -187,6 +189,60 @@ def prompts_render(
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
         text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + prefix
         console.print(Panel(text, title=f"as sent to {model}"), highlight=False, markup=False)
+
+
+# --------------------------------------------------------------------------- stages
+
+ConfigOption = Annotated[
+    str, typer.Option("--config", "-c", help="Run config YAML (a path or a shipped name like 'quickstart').")
+]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a field: --set sl.rounds=2 (repeatable).")
+]
+FreshOption = Annotated[bool, typer.Option(help="Discard this stage's output for this config and redo it.")]
+
+
+def _context(config: str, overrides: list[str] | None):
+    from cai.config import ConfigError, load_config
+    from cai.stages.base import StageContext
+
+    try:
+        return StageContext(load_config(config, overrides or []), console)
+    except (ConfigError, FileNotFoundError) as exc:
+        fail(str(exc))
+
+
+def _run_stage(config: str, overrides: list[str] | None, stage) -> None:
+    """Run one stage function with clear errors for everything a user can fix."""
+    from cai.constitution import ConstitutionError
+    from cai.models import ModelNotFoundError
+    from cai.prompts import TemplateError
+    from cai.sources import PromptSourceError
+    from cai.stages.base import StageMissingError
+    from cai.store import StoreError
+
+    ctx = _context(config, overrides)
+    try:
+        stage(ctx)
+    except (
+        ConstitutionError,
+        ModelNotFoundError,
+        TemplateError,
+        PromptSourceError,
+        StageMissingError,
+        StoreError,
+    ) as exc:
+        fail(str(exc))
+    finally:
+        ctx.close()
+
+
+@generate_app.command("sl")
+def generate_sl(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
+    """Answer red-team prompts, then critique and revise them for N rounds (resumable)."""
+    from cai.stages.sl import run_sl
+
+    _run_stage(config, set_, lambda ctx: run_sl(ctx, fresh=fresh))
 
 
 # --------------------------------------------------------------------------- models

@@ -91,7 +91,7 @@ class TemplatesConfig(Section):
 
 
 class RunConfig(Section):
-    """A whole run. Stage sections default to the quickstart's small sizes."""
+    """Settings every stage shares; `cai.runconfig.RunConfig` adds one section per stage."""
 
     run_dir: Path = Field(Path("runs/default"), description="Where every stage writes its outputs.")
     seed: int = Field(0, description="Master seed; each stage derives its own from it.")
@@ -128,15 +128,34 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
-        _set_dotted(data, dotted.strip(), value, f"override {item!r}")
+        dotted = dotted.strip()
+        parent, _, leaf = dotted.rpartition(".")
+        if leaf == "kind" and parent:
+            # switching a section's kind (engine.kind=openai) drops the old kind's fields
+            section = _get_dotted(data, parent)
+            if isinstance(section, dict) and section.get("kind") != value:
+                _set_dotted(data, parent, {}, f"override {item!r}")
+        _set_dotted(data, dotted, value, f"override {item!r}")
     return data
 
 
+def _get_dotted(data: dict, dotted: str) -> Any:
+    node: Any = data
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
 def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = (), model: type[BaseModel] = RunConfig
+    path: str | Path | None = None, overrides: Sequence[str] = (), model: type[BaseModel] | None = None
 ) -> Any:
     """Load a run config (a path or a shipped config name), apply overrides, validate."""
     from cai.resources import resolve_shipped
+
+    if model is None:
+        from cai.runconfig import RunConfig as model  # noqa: N813 - the full config by default
 
     data: Any = {}
     lines: dict = {}
@@ -153,7 +172,16 @@ def load_config(
         data = data or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: a run config is a mapping of sections")
-    data = apply_overrides(data, overrides)
+    config = _validate(model, data, lines, source)
+    if not overrides:
+        return config
+    # Overrides apply on top of the validated config with every default filled in, so
+    # `--set sl.sampling.max_new_tokens=16` keeps the section's other defaults.
+    full = apply_overrides(config.model_dump(mode="json"), overrides)
+    return _validate(model, full, {}, f"{source} + --set {' '.join(overrides)}")
+
+
+def _validate(model: type[BaseModel], data: Any, lines: dict, source: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:

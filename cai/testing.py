@@ -123,3 +123,76 @@ def build_tiny_models(
     pm.save_pretrained(paths.classifier)
     tokenizer.save_pretrained(paths.classifier)
     return paths
+
+
+class EchoBackend:
+    """A deterministic stand-in engine: fast, seed-sensitive, and it logs every request.
+
+    Text is a hash of (chat, seed, sample), so tests can check that seeds, batching and
+    resumption behave exactly like a real engine's would, at no model cost. `score_fn` scripts
+    the option probabilities for judge tests; by default every option is equally likely.
+    """
+
+    def __init__(self, model_id: str = "echo", score_fn=None, log_path: str | Path | None = None, delay: float = 0.0):
+        from cai.backends.base import Usage
+
+        self.model_id = model_id
+        self.usage = Usage()
+        self.calls: list[tuple[str, list]] = []
+        self.score_fn = score_fn
+        self.log_path = Path(log_path) if log_path else None
+        self.delay = delay
+
+    def _log(self, kind: str, items: list) -> None:
+        import json
+        import time
+
+        self.calls.append((kind, items))
+        if self.log_path:
+            with self.log_path.open("a") as handle:
+                handle.write(json.dumps({"kind": kind, "items": items}) + "\n")
+        if self.delay:
+            time.sleep(self.delay)
+
+    def generate(self, chats, params):
+        import hashlib
+
+        from cai.backends.base import Completion, Sample
+
+        self._log("generate", [chat[-1]["content"] for chat in chats])
+        out = []
+        for index, chat in enumerate(chats):
+            samples = []
+            for k in range(params.n):
+                key = repr((chat, params.seed, index, k)).encode()
+                digest = hashlib.sha256(key).hexdigest()[:12]
+                text = f"answer-{digest}"
+                for stop in params.stop:
+                    if stop and stop in text:
+                        text = text[: text.index(stop)]
+                samples.append(Sample(text=text, tokens=3, finish_reason="stop"))
+            out.append(Completion(samples=samples, prompt_tokens=len(str(chat)) // 4))
+        self.usage.generate_calls += 1
+        self.usage.prompt_tokens += sum(c.prompt_tokens for c in out)
+        self.usage.completion_tokens += sum(3 * params.n for _ in out)
+        return out
+
+    def score_choices(self, prompts, options):
+        from cai.backends.base import ChoiceScores
+
+        self._log("score", [p.chat[-1]["content"] for p in prompts])
+        self.usage.score_calls += 1
+        results = []
+        for prompt in prompts:
+            if self.score_fn is None:
+                logprobs = [0.0] * len(options)
+            else:
+                import math
+
+                probs = self.score_fn(prompt, list(options))
+                logprobs = [math.log(p) if p > 0 else float("-inf") for p in probs]
+            results.append(ChoiceScores.from_logprobs(options, logprobs, prompt_tokens=len(str(prompt)) // 4))
+        return results
+
+    def close(self) -> None:
+        pass

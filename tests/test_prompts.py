@@ -44,7 +44,7 @@ def test_every_principle_renders_in_every_stage(constitution_name):
 def test_shipped_template_files_are_all_used():
     used = {
         "critique_request.j2", "revision_request.j2", "compare.j2", "compare_answer.j2",
-        "compare_cot.j2", "compare_cot_answer.j2",
+        "compare_cot.j2", "compare_cot_answer.j2", "rate_harm.j2",
     }
     assert {p.name for p in shipped_dir("prompts").glob("*.j2")} == used
 

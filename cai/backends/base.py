@@ -153,6 +153,9 @@ class Usage(BaseModel):
     scored_tokens: int = 0
     cached_tokens: int = 0
     failed_items: int = 0
+    # Option log-probs estimated rather than read (an option outside a server's top-k, see
+    # `cai.backends.openai`): still valid scores, but a run should show how many there were.
+    floored_logprobs: int = 0
 
     def minus(self, earlier: Usage) -> Usage:
         return Usage(**{k: getattr(self, k) - getattr(earlier, k) for k in Usage.model_fields})

@@ -1,0 +1,150 @@
+"""Stage `sl`: critique -> revision data, crash-safe and resumable.
+
+    cai generate sl --config configs/quickstart.yaml
+
+Rows are cut into fixed chunks (`sl.chunk_size`); a chunk is generated round by round and
+committed as a whole, so after a kill the same command redoes only unfinished chunks, with the
+same seeds and the same batch composition: the final `rows.jsonl` is byte-identical to an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from cai.critique import SLMeta, make_jobs, run_chunk
+from cai.export import dataset_card, write_card, write_parquet
+from cai.records import SLRecord
+from cai.sources import load_prompts
+from cai.stages.base import StageContext, Timer, skip_message, usage_since
+from cai.store import StageStore, atomic_write_jsonl
+
+STAGE = "sl"
+
+
+def sl_store(ctx: StageContext) -> StageStore:
+    """The store this config maps to (hash of the section, model, engine, constitution, templates)."""
+    cfg = ctx.config.sl
+    model = cfg.model or ctx.config.model
+    config = {
+        "sl": cfg.model_dump(mode="json"),
+        "model": model,
+        "engine": ctx.config.engine.model_dump(mode="json"),
+        "seed": ctx.config.seed,
+        "constitution": ctx.constitution.name,
+        "constitution_hash": ctx.constitution.hash,
+        "templates": ctx.builder.template_hashes(cfg.template_names()),
+    }
+    return StageStore(ctx.run_dir, STAGE, config)
+
+
+def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
+    cfg = ctx.config.sl
+    store = sl_store(ctx)
+    if fresh:
+        store.discard()
+    if store.is_complete:
+        skip_message(ctx, store)
+        return store
+    timer = Timer()
+    model = cfg.model or ctx.config.model
+    with store:
+        if store.repair:
+            ctx.console.print(f"[yellow]resuming {STAGE}: {store.repair}[/]")
+        done = store.committed()
+        jobs = make_jobs(load_prompts(cfg.prompts), cfg.samples_per_prompt)
+        chunks = [jobs[i : i + cfg.chunk_size] for i in range(0, len(jobs), cfg.chunk_size)]
+        todo = [(n, [j for j in chunk if j.row_id not in done]) for n, chunk in enumerate(chunks)]
+        todo = [(n, chunk) for n, chunk in todo if chunk]
+        if done:
+            ctx.console.print(f"resuming {STAGE}: {len(done)} of {len(jobs)} rows already committed")
+        if todo:
+            backend = ctx.backend(model)
+            meta = SLMeta(
+                model_id=model,
+                seed=ctx.config.seed,
+                constitution=ctx.constitution.name,
+                constitution_hash=ctx.constitution.hash,
+                template_hashes=store.config["templates"],
+                config_hash=store.config_hash,
+            )
+            with ctx.progress(f"{STAGE}: critique -> revision x{cfg.rounds}", len(jobs)) as advance:
+                advance(len(jobs) - sum(len(c) for _, c in todo))
+                for number, chunk in todo:
+                    before = backend.usage.model_copy()
+                    records = run_chunk(
+                        chunk, backend, ctx.builder, ctx.constitution, cfg, meta, chunk_key=f"chunk{number}"
+                    )
+                    store.commit(records, usage=usage_since(backend, before))
+                    ctx.model_calls += 1
+                    advance(len(chunk))
+        rows = list(store.rows(SLRecord))
+        summary = sl_summary(rows)
+        card = sl_card(ctx, store, summary)
+        store.finalize(
+            outputs={
+                "sft.jsonl": lambda path: atomic_write_jsonl(
+                    path, ({"messages": r.messages(), "row_id": r.row_id} for r in sorted_rows(rows) if not r.error)
+                ),
+                "data.parquet": lambda path: write_parquet(path, sorted_rows(rows)),
+                "README.md": lambda path: write_card(path, card),
+            },
+            order=lambda row: (row["source"], row["index"], row["sample"]),
+            summary={**summary, "seconds": round(timer.seconds, 1)},
+        )
+    ctx.console.print(
+        f"[green]✓[/] {STAGE}: {summary['rows']} rows ({summary['errors']} with errors) -> {store.path}"
+    )
+    return store
+
+
+def sorted_rows(rows: list[SLRecord]) -> list[SLRecord]:
+    return sorted(rows, key=lambda r: (r.source, r.index, r.sample))
+
+
+def sl_summary(rows: list[SLRecord]) -> dict:
+    principles = Counter(r.principle_id for row in rows for r in row.rounds)
+    tokens = sum(r.critique_tokens + r.revision_tokens for row in rows for r in row.rounds)
+    changed = sum(1 for r in rows if r.final_revision.strip() != r.initial_response.strip())
+    return {
+        "rows": len(rows),
+        "errors": sum(1 for r in rows if r.error),
+        "rounds": sum(len(r.rounds) for r in rows),
+        "revised": changed,
+        "round_tokens": tokens,
+        "principles": dict(principles.most_common()),
+    }
+
+
+def sl_card(ctx: StageContext, store: StageStore, summary: dict) -> str:
+    config = store.config
+    return dataset_card(
+        title=f"Constitutional AI SL data ({config['constitution']})",
+        summary=(
+            "Red-team prompts answered by a model, then critiqued and revised against principles "
+            "sampled from the constitution at every round (Bai et al., 2022). The final revisions "
+            "are the supervised fine-tuning targets."
+        ),
+        provenance={
+            "constitution": config["constitution"],
+            "constitution_hash": config["constitution_hash"],
+            "model": config["model"],
+            "templates": ", ".join(f"{k}={v[:12]}" for k, v in config["templates"].items()),
+            "rounds": config["sl"]["rounds"],
+            "critique": config["sl"]["critique"],
+            "seed": config["seed"],
+            "config_hash": store.config_hash,
+        },
+        files={
+            "data.parquet": "every row with every round (principle id, critique, revision, token counts)",
+            "sft.jsonl": "TRL conversational SFT format (`messages`): prompt + final revision",
+        },
+        columns={
+            "prompt": "the red-team conversation",
+            "initial_response": "the model's first answer",
+            "rounds": "per round: principle_id, critique, revision, token counts",
+            "final_revision": "the SFT target",
+            "constitution_hash / template_hashes / config_hash": "what shaped the row",
+        },
+        counts={k: v for k, v in summary.items() if isinstance(v, int)},
+    )

@@ -1,0 +1,159 @@
+"""`cai train rloo`: RL from AI feedback with trl's RLOOTrainer, the preference model as reward.
+
+    cai train rloo configs/quickstart.yaml
+
+An alternative to cai's own PPO: RLOO samples `num_generations` answers per prompt and uses the
+mean reward of the *other* answers as each one's baseline, so it needs no value head. The
+objective is the same, maximise E[r_PM(x, y)] - beta * KL(pi || pi_ref), with the starting model
+as reference (with LoRA: the model with its adapter disabled; trl loads no second copy).
+
+trl calls a custom reward function as `f(prompts=..., completions=..., completion_ids=...,
+**dataset_columns)`; for conversational prompts each completion is `[{"role": "assistant",
+"content": text}]`. `PMReward` adapts `PreferenceScorer` to that call.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from cai.backends.base import Chat
+from cai.config import Section
+from cai.train.common import (
+    LoraSection,
+    TrainResult,
+    TrainSection,
+    attach_console,
+    default_console,
+    last_metrics,
+    logged_losses,
+    no_progress_bars,
+    peft_config,
+    quiet_logs,
+    run_trainer,
+    save_trained,
+    trainer_arguments,
+)
+
+__all__ = ["PMReward", "RLOOConfig", "train_rloo"]
+
+LOG_COLUMNS = {
+    "loss": "loss",
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "kl": "kl",
+    "completions/mean_length": "length",
+    "grad_norm": "grad_norm",
+}
+
+
+class RLOOConfig(Section):
+    """REINFORCE leave-one-out (trl's RLOOTrainer) against the preference model."""
+
+    model: str | None = Field(
+        None, description="Policy to start from; default: the SFT model (or the run's model)."
+    )
+    lora: LoraSection | None = Field(
+        default_factory=LoraSection,
+        description="LoRA adapters (reference = the model, adapters disabled); null = full fine-tune.",
+    )
+    train: TrainSection = Field(
+        default_factory=TrainSection,
+        description="Optimisation settings; batch_size counts completions (prompts x num_generations).",
+    )
+    num_generations: int = Field(2, ge=2, description="Answers sampled per prompt (the leave-one-out group).")
+    max_completion_length: int = Field(64, ge=1, description="Longest sampled answer in tokens.")
+    beta: float = Field(0.05, ge=0, description="KL penalty towards the reference model (0: no reference).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> RLOOConfig:
+        completions = self.train.batch_size * self.train.gradient_accumulation_steps
+        if completions % self.num_generations:
+            raise ValueError(
+                f"train.batch_size x train.gradient_accumulation_steps ({completions}) must be a multiple of "
+                f"num_generations ({self.num_generations}): each step scores whole groups of answers"
+            )
+        return self
+
+
+class PMReward:
+    """RLOO reward function: the preference model's score of each sampled answer."""
+
+    __name__ = "pm"  # trl names the reward's log columns after it (rewards/pm/mean)
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+
+    def __call__(self, prompts: list[Chat], completions: list[Any], **kwargs: Any) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+        return self.scorer.score(prompts, texts)
+
+
+def train_rloo(
+    config: RLOOConfig,
+    policy_model: str,
+    reward_model_path: str | Path,
+    prompts: list[Chat],
+    output_dir: Path,
+    seed: int,
+    console: Any = None,
+) -> TrainResult:
+    """Optimise the policy on `prompts` against the PM at `reward_model_path`; save to output_dir/model.
+
+    Re-running with the same `output_dir` resumes from output_dir/checkpoints.
+    """
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RLOOConfig as TrlRLOOConfig
+    from trl import RLOOTrainer
+
+    from cai.models import resolve_model
+    from cai.train.reward import PreferenceScorer
+
+    if not prompts:
+        raise ValueError("no prompts to train RLOO on")
+    started = time.perf_counter()
+    console = console or default_console()
+    checkpoints = Path(output_dir) / "checkpoints"
+    model_path = resolve_model(config.model or policy_model)
+    args = TrlRLOOConfig(
+        **trainer_arguments(config.train, checkpoints, seed),
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        beta=config.beta,
+        temperature=config.temperature,
+    )
+    with no_progress_bars():
+        with quiet_logs():
+            tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+            reward = PMReward(PreferenceScorer(reward_model_path, max_length=config.train.max_length))
+            trainer = RLOOTrainer(
+                model=model_path,
+                reward_funcs=reward,
+                args=args,
+                train_dataset=Dataset.from_list([{"prompt": list(p)} for p in prompts]),
+                processing_class=tokenizer,
+                peft_config=peft_config(config.lora, "CAUSAL_LM") if config.lora else None,
+            )
+        attach_console(trainer, console, LOG_COLUMNS)
+        console.print(
+            f"[bold]RLOO[/] on {len(prompts)} prompts x {config.num_generations} answers, "
+            f"beta {config.beta}, {'LoRA' if config.lora else 'full'}, {config.train.max_steps} steps"
+        )
+        resumed = run_trainer(trainer, checkpoints)
+        model_dir = Path(output_dir) / "model"
+        merged = save_trained(trainer, model_dir, merge=bool(config.lora and config.lora.merge))
+    return TrainResult(
+        model_path=str(model_dir),
+        steps=trainer.state.global_step,
+        train_loss=logged_losses(trainer),
+        metrics=last_metrics(trainer),
+        lora=config.lora is not None,
+        merged=merged,
+        resumed_from=resumed,
+        elapsed=time.perf_counter() - started,
+    )

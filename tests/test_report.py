@@ -1,0 +1,221 @@
+"""The HTML report: every section present, plots embedded, data escaped, renders in Chromium.
+
+The Chromium check runs Debian's `chromium` headless on the written file and (1) takes a
+screenshot, kept as artifacts/report-screenshot.png for a person to look at, and checks it is a
+real picture with the plots' colours in it; (2) reads Chromium's log on stderr, where every
+page console message appears as an ``INFO:CONSOLE`` line. The report has no JavaScript, so any
+console message at all (an uncaught error, a resource that failed to load) is a failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cai.audit import load_audit
+from cai.constitution import load_constitution
+from cai.records import MetricRow
+from cai.report import SECTIONS, _series, write_report
+
+FIXTURE = Path(__file__).parent / "fixtures" / "audit_rows.jsonl"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+CONSOLE_ERROR = re.compile(r"CONSOLE|Uncaught|Failed to load resource")
+PLOT_BLUE = (0x24, 0x56, 0xA6)  # the report's main bar colour
+PLOT_ORANGE = (0xD9, 0x82, 0x2B)  # contested / disagreement colour
+
+
+def fake_ppo_history() -> list[dict]:
+    return [
+        {
+            "step": s,
+            "reward_mean": -0.4 + 0.08 * s,
+            "reward_std": 0.3,
+            "kl": 0.01 * s**1.4,
+            "kl_coef": 0.1 - 0.002 * s,
+            "policy_loss": 0.05,
+        }
+        for s in range(25)
+    ]
+
+
+def fake_eval_rows() -> list[MetricRow]:
+    rows = [
+        MetricRow(metric="harmless_rate", policy=p, value=v, ci_low=v - 0.08, ci_high=v + 0.07, n=60)
+        for p, v in (("base", 0.41), ("sft", 0.63), ("ppo", 0.79))
+    ]
+    rows += [
+        MetricRow(metric="helpful_win_rate_vs_base", policy=p, value=v, ci_low=v - 0.1, ci_high=v + 0.1, n=40)
+        for p, v in (("sft", 0.55), ("ppo", 0.51))
+    ]
+    rows.append(MetricRow(metric="elo", policy="ppo", value=1040.0, n=120, note="no interval"))
+    rows.append(MetricRow(metric="pm_accuracy", policy="pm", value=0.72, ci_low=0.63, ci_high=0.8, n=100))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    return write_report(
+        tmp_path_factory.mktemp("report") / "nested" / "report.html",
+        audit=load_audit(FIXTURE),
+        ppo_history=fake_ppo_history(),
+        eval_rows=fake_eval_rows(),
+        pm_metrics={"accuracy": 0.72, "eval_loss": 0.57, "pairs": 100},
+        summary={
+            "sl": {
+                "elapsed_s": 12.5,
+                "rows": 40,
+                "usage": {"prompt_tokens": 12000, "completion_tokens": 3100},
+            },
+            "label": {
+                "elapsed_s": 31.0,
+                "rows": 8,
+                "usage": {"prompt_tokens": 51000, "completion_tokens": 16},
+            },
+        },
+        title="Fixture run <b>&</b>",
+        constitution=load_constitution("harmless"),
+    )
+
+
+def test_sections_plots_and_escaping(report):
+    page = report.read_text(encoding="utf-8")
+    for name in SECTIONS.values():
+        assert f"<h2>{name}</h2>" in page
+    assert "not run" not in page  # every section had data
+    pngs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(pngs) == 5  # influence, soft labels, position consistency, PPO, eval
+    assert all(base64.b64decode(p).startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
+    # Data is escaped: the fixture's response holds a script tag, its prompt bold markup.
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script" not in page.lower()
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; &#x27;quotes&#x27;" in page
+    assert "<title>Fixture run &lt;b&gt;&amp;&lt;/b&gt;</title>" in page
+    # Self-contained: no reference leaves the file.
+    without_images = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert not re.search(r"https?:|//[a-z]", without_images)
+    refs = re.findall(r'(?:src|href)="([^"]*)"', without_images)
+    assert sorted(refs) == sorted([""] * 5 + [f"#{key}" for key in SECTIONS])  # 5 images, the nav
+
+
+def test_content_reads_right(report):
+    page = report.read_text(encoding="utf-8")
+    assert "93.3% (28/30 comparisons)" in page  # judge quality, worked out in test_audit.py
+    assert "<td>label-006</td><td>0 &gt; 1</td><td>0.373</td>" in page  # contested table
+    assert "harm, safety" in page  # tags from the constitution
+    assert "0.630 – 0.800" in page  # PM accuracy interval
+    assert page.count('<div class="label">') == 8
+
+
+def test_missing_sections_say_not_run(tmp_path):
+    page = write_report(
+        tmp_path / "r.html",
+        audit=None,
+        ppo_history=None,
+        eval_rows=None,
+        pm_metrics=None,
+        summary=None,
+        title="empty",
+    ).read_text()
+    for name in SECTIONS.values():
+        assert f"<h2>{name}</h2>" in page
+    assert page.count('class="not-run"') == len(SECTIONS)
+    assert "data:image/png" not in page
+
+
+def test_max_labels_and_trainer_history_keys(tmp_path):
+    rows = load_audit(FIXTURE)
+    trainer_history = [
+        {"step": s, "reward": 0.1 * s, "kl": 0.02 * s} for s in range(1, 4)
+    ]  # cai.train.ppo's keys
+    page = write_report(
+        tmp_path / "r.html",
+        audit=rows,
+        ppo_history=trainer_history,
+        eval_rows=None,
+        pm_metrics=None,
+        summary=None,
+        title="t",
+        max_labels=3,
+    ).read_text()
+    assert page.count('<div class="label">') == 3 and "showing 3 of 8 labels" in page
+    assert page.count('class="not-run"') == 3  # summary, eval, PM
+    assert page.count("data:image/png;base64,") == 4  # the audit's three plots and PPO
+    assert _series(trainer_history, "reward") == ([1.0, 2.0, 3.0], [0.1, 0.2, pytest.approx(0.3)])
+
+
+# ------------------------------------------------------------------------- headless Chromium
+
+
+def render(page: Path, out: Path) -> tuple[Path, list[str]]:
+    """Screenshot `page` with headless Chromium; return the PNG and any console-error lines."""
+    shot = out / "shot.png"
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={out / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        f"--screenshot={shot}",
+        "--window-size=1280,4000",
+        page.resolve().as_uri(),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if CONSOLE_ERROR.search(line)]
+    return shot, errors
+
+
+def near(pixels, colour: tuple[int, int, int], tolerance: int = 12) -> int:
+    import numpy as np
+
+    diff = np.abs(pixels[..., :3].astype(np.int16) - np.array(colour, dtype=np.int16))  # (H, W, 3)
+    return int((diff.max(axis=-1) <= tolerance).sum())
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)"
+)
+def test_renders_in_headless_chromium(report, tmp_path):
+    import numpy as np
+    from matplotlib.image import imread
+
+    shot, errors = render(report, tmp_path)
+    assert errors == [], "console errors while rendering the report:\n" + "\n".join(errors)
+    assert shot.stat().st_size > 50_000
+    pixels = (imread(shot)[..., :3] * 255).round().astype(np.uint8)  # (H, W, 3)
+    assert pixels.shape[:2] == (4000, 1280)
+    packed = pixels.reshape(-1, 3).astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], dtype=np.uint32)
+    assert len(np.unique(packed)) > 500  # text, tables and plots, not a blank page
+    # The plots are drawn: thousands of pixels in the bar colours (CSS uses neither).
+    assert near(pixels, PLOT_BLUE) > 20_000
+    assert near(pixels, PLOT_ORANGE) > 5_000
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copyfile(shot, ARTIFACTS / "report-screenshot.png")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)"
+)
+def test_console_error_check_catches_errors(tmp_path):
+    """The check above must be able to fail: a page with a script error and a missing image."""
+    page = tmp_path / "broken.html"
+    page.write_text(
+        '<!DOCTYPE html><html><body><img src="missing.png"><script>nope();</script></body></html>'
+    )
+    _, errors = render(page, tmp_path)
+    assert any("Uncaught ReferenceError" in line for line in errors), errors
