@@ -31,6 +31,8 @@ app.add_typer(prompts_app, name="prompts")
 app.add_typer(models_app, name="models")
 generate_app = typer.Typer(help="Generate datasets (the supervised stage).", no_args_is_help=True)
 app.add_typer(generate_app, name="generate")
+train_app = typer.Typer(help="Train: sft, pm (preference model), ppo, dpo, rloo.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -243,6 +245,54 @@ def generate_sl(config: ConfigOption, set_: SetOption = None, fresh: FreshOption
     from cai.stages.sl import run_sl
 
     _run_stage(config, set_, lambda ctx: run_sl(ctx, fresh=fresh))
+
+
+@app.command("label")
+def label(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
+    """Sample K responses per prompt and judge them under principles, in both orders (resumable)."""
+    from cai.stages.label import run_label
+
+    _run_stage(config, set_, lambda ctx: run_label(ctx, fresh=fresh))
+
+
+@app.command("mix")
+def mix(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
+    """Mix the AI harmlessness labels with human helpfulness preferences (for the PM)."""
+    from cai.stages.training import run_mix
+
+    _run_stage(config, set_, lambda ctx: run_mix(ctx, fresh=fresh))
+
+
+@train_app.command("sft")
+def train_sft(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
+    """Fine-tune the model on (prompt, final revision) from `cai generate sl` (full or LoRA)."""
+    from cai.stages.training import run_sft
+
+    _run_stage(config, set_, lambda ctx: run_sft(ctx, fresh=fresh))
+
+
+@train_app.command("pm")
+def train_pm(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
+    """Train the preference model on the mix; report held-out, per-source accuracy and calibration."""
+    from cai.stages.training import run_pm
+
+    _run_stage(config, set_, lambda ctx: run_pm(ctx, fresh=fresh))
+
+
+@train_app.command("dpo")
+def train_dpo(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
+    """DPO on the mixed preferences, from the SFT model (trl's DPOTrainer)."""
+    from cai.stages.training import run_dpo
+
+    _run_stage(config, set_, lambda ctx: run_dpo(ctx, fresh=fresh))
+
+
+@train_app.command("rloo")
+def train_rloo(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
+    """RLOO against the preference model, from the SFT model (trl's RLOOTrainer)."""
+    from cai.stages.training import run_rloo
+
+    _run_stage(config, set_, lambda ctx: run_rloo(ctx, fresh=fresh))
 
 
 # --------------------------------------------------------------------------- models

@@ -563,3 +563,19 @@ def read_preferences(path: Path) -> list[PreferenceRow]:
             except ValidationError as err:
                 raise ValueError(f"{path}:{number}: not a preference row: {err}") from None
     return rows
+
+
+class MixConfig(BaseModel):
+    """How AI harmlessness labels and human helpfulness preferences are combined for the PM."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    human: list[PreferenceSource] = Field(
+        default_factory=lambda: [PreferenceSource(path="hh_helpful.jsonl")],
+        description="Human preference data to mix in (HH-RLHF, TRL or JSONL files).",
+    )
+    counts: dict[str, int] | None = Field(
+        None, description="Exact rows per source name (e.g. {ai-harmless: 40, human-helpful: 40})."
+    )
+    ratios: dict[str, float] | None = Field(None, description="Share per source name, summing to 1.")
+    total: int | None = Field(None, ge=1, description="Total rows with `ratios` (default: the most possible).")

@@ -137,3 +137,13 @@ class MetricRow(Row):
     ci_high: float | None = Field(None, description="Upper end of the 95% bootstrap interval.")
     n: int = Field(description="Number of items the figure is computed over.")
     note: str | None = None
+
+
+class LabelResult(Row):
+    """What the label stage commits per prompt: the audit row and the preference rows it gave."""
+
+    row_id: str
+    config_hash: str
+    audit: LabelAudit | None = None
+    preferences: list[PreferenceRow] = Field(default_factory=list)
+    error: str | None = Field(None, description="Why this prompt has no label (e.g. the policy failed).")
