@@ -295,6 +295,109 @@ def train_rloo(config: ConfigOption, set_: SetOption = None, fresh: FreshOption 
     _run_stage(config, set_, lambda ctx: run_rloo(ctx, fresh=fresh))
 
 
+@train_app.command("ppo")
+def train_ppo(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
+    """PPO against the preference model with a KL penalty to the SFT model (resumable)."""
+    from cai.stages.ppo import run_ppo
+
+    _run_stage(config, set_, lambda ctx: run_ppo(ctx, fresh=fresh))
+
+
+@app.command("eval")
+def evaluate(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
+    """Compare the run's policies: harmless rate, helpful win rate vs base, refusals, Elo, PM accuracy."""
+    from cai.stages.evaluation import run_eval
+
+    _run_stage(config, set_, lambda ctx: run_eval(ctx, fresh=fresh))
+
+
+@app.command("run")
+def run(
+    config: Annotated[str, typer.Argument(help="Run config YAML (a path or a shipped name like 'quickstart').")],
+    set_: SetOption = None,
+) -> None:
+    """Every stage of the recipe into one run directory; complete stages are skipped."""
+    from cai.pipeline import run_pipeline
+
+    _run_stage(config, set_, run_pipeline)
+
+
+@app.command("report")
+def report(
+    config: ConfigOption,
+    set_: SetOption = None,
+    output: Annotated[Path | None, typer.Option(help="HTML file (default: RUN_DIR/report.html).")] = None,
+) -> None:
+    """Write the self-contained HTML report of a run (audit plots, PPO curves, eval results)."""
+    from cai.stages.evaluation import write_run_report
+
+    def write(ctx):
+        console.print(f"[green]report:[/] {write_run_report(ctx, output)}")
+
+    _run_stage(config, set_, write)
+
+
+@app.command("audit")
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, a label stage folder, or an audit.jsonl file.")],
+    label: Annotated[str | None, typer.Option(help="Show one label in full (its label_id or row id).")] = None,
+    principle: Annotated[str | None, typer.Option(help="Only labels this principle voted on.")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only labels with a principle of this tag.")] = None,
+    contested: Annotated[bool | None, typer.Option("--contested/--uncontested", help="Only (un)contested labels.")] = None,
+    decisive: Annotated[bool, typer.Option(help="With --principle/--tag: only labels it decided.")] = False,
+    constitution: Annotated[str, typer.Option(help="Constitution for tags (default: the run's).")] = "",
+    html: Annotated[Path | None, typer.Option(help="Also write an HTML report of the selection.")] = None,
+    limit: Annotated[int, typer.Option(help="Labels shown in full at most.")] = 5,
+) -> None:
+    """Which principle shaped each label: votes in both orders, decisive principles, influence."""
+    from cai.audit import (
+        contested_labels,
+        filter_labels,
+        judge_quality,
+        label_view,
+        load_audit,
+        principle_influence,
+        print_contested,
+        print_influence,
+        print_label,
+        print_quality,
+    )
+    from cai.constitution import ConstitutionError, load_constitution
+
+    try:
+        rows = load_audit(run_dir)
+        name = constitution or (rows[0].constitution if rows else "harmless")
+        cons = load_constitution(name) if (tag or constitution or rows) else None
+        if cons is not None and rows and not constitution and cons.hash != rows[0].constitution_hash:
+            err_console.print(
+                f"[yellow]note:[/] constitution {name!r} has changed since these labels were made "
+                f"(hash {rows[0].constitution_hash[:12]} in the rows); tags come from the current file"
+            )
+        selected = filter_labels(rows, principle, tag, contested, cons, decisive=decisive)
+    except (FileNotFoundError, ValueError, ConstitutionError) as exc:
+        fail(str(exc))
+    console.print(f"{len(selected)} of {len(rows)} labels selected")
+    if label is not None:
+        matches = [r for r in rows if label in (r.label_id, r.row_id)]
+        if not matches:
+            fail(f"no label {label!r} (label ids look like {rows[0].label_id!r})" if rows else "no labels")
+        print_label(console, label_view(matches[0]))
+        return
+    print_quality(console, judge_quality(selected))
+    print_influence(console, principle_influence(selected), cons)
+    print_contested(console, contested_labels(selected))
+    for row in selected[:limit] if (principle or tag or contested is not None) else []:
+        print_label(console, label_view(row))
+    if html is not None:
+        from cai.report import write_report
+
+        write_report(
+            html, audit=selected, ppo_history=None, eval_rows=None, pm_metrics=None, summary=None,
+            title=f"cai audit {run_dir}", constitution=cons,
+        )
+        console.print(f"[green]html:[/] {html}")
+
+
 # --------------------------------------------------------------------------- models
 
 

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -24,8 +18,8 @@ from cai.sources import PromptSource, load_prompts
 from cai.stages.base import StageContext
 from cai.stages.sl import run_sl
 from cai.testing import EchoBackend
+from tests.crash_harness import crash_and_resume
 
-SCRIPT = Path(__file__).with_name("sl_stage_script.py")
 META = SLMeta("echo", 0, "harmless", "h" * 64, {"t": "x"}, "c" * 64)
 
 
@@ -140,95 +134,10 @@ def test_stage_on_smollm2_produces_text_revisions(tmp_path, default_model_path):
     assert all(r.rounds[0].critique for r in rows)
 
 
-def _run_script(run_dir, log, kill_after=None, **kw):
-    """Run the stage; with `kill_after`, SIGKILL it that many seconds after its first request."""
-    args = [sys.executable, str(SCRIPT), str(run_dir), str(log), "--delay=0.15"]
-    args += [f"--{k}={v}" for k, v in kw.items()]
-    size = Path(log).stat().st_size if Path(log).exists() else 0
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if kill_after is None:
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err.decode()[-2000:]
-        return True
-    deadline = time.monotonic() + 60
-    while process.poll() is None and time.monotonic() < deadline:
-        if Path(log).exists() and Path(log).stat().st_size > size:
-            break
-        time.sleep(0.02)
-    time.sleep(kill_after)
-    if process.poll() is None:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        return False
-    assert process.returncode == 0, process.stderr.read().decode()[-2000:]
-    return True
-
-
-def _final_rows(run_dir):
-    (folder,) = (Path(run_dir) / "sl").glob("*/rows.jsonl")
-    return folder.read_bytes()
-
-
-def _requests(log):
-    if not Path(log).exists():
-        return []
-    return [json.loads(l) for l in Path(log).read_text().splitlines() if l.strip()]
-
-
-def _committed_prompts(run_dir) -> list[str]:
-    ledgers = list((Path(run_dir) / "sl").glob("*/ledger.jsonl"))
-    if not ledgers:
-        return []
-    rows = []
-    for line in ledgers[0].read_bytes().split(b"\n"):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass  # a torn tail, which the next attempt cuts and redoes
-    return [r["prompt"][0]["content"] for r in rows]
-
-
-def crash_and_resume(tmp_path, kills: int, seed: int):
-    from collections import Counter
-
-    reference = tmp_path / "ref"
-    _run_script(reference, tmp_path / "ref.log")
-    all_prompts = Counter(f"prompt number {i // 2}" for i in range(40))
-    run_dir, log = tmp_path / "crashy", tmp_path / "crashy.log"
-    rng = random.Random(seed)
-    killed, attempts, finished = 0, [], False
-    while not finished and len(attempts) < kills * 3:
-        # what was durable when this attempt started, and a marker in the engine's call log
-        attempts.append(Counter(_committed_prompts(run_dir)))
-        with log.open("a") as handle:
-            handle.write(json.dumps({"kind": "start", "items": []}) + "\n")
-        finished = _run_script(run_dir, log, kill_after=None if killed >= kills else rng.uniform(0.0, 1.2))
-        killed += not finished
-    assert finished and killed >= min(kills, 3), "the run finished before it could be killed often enough"
-    assert _final_rows(run_dir) == _final_rows(reference)
-    rows = [json.loads(l) for l in _final_rows(run_dir).splitlines()]
-    assert len({r["row_id"] for r in rows}) == len(rows) == 40
-    assert [r["prompt"][0]["content"] for r in rows].count("prompt number 0") == 2  # duplicates kept
-    ledger = next((run_dir / "sl").glob("*/ledger.jsonl")).read_text().splitlines()
-    assert len(ledger) == 40  # nothing committed twice
-    # Per attempt, the engine was asked for initial answers only of rows not yet committed when
-    # that attempt started: nothing finished is ever requested again.
-    per_attempt: list[Counter] = []
-    for call in _requests(log):
-        if call["kind"] == "start":
-            per_attempt.append(Counter())
-        elif call["items"][0].startswith("prompt number"):
-            per_attempt[-1].update(call["items"])
-    assert len(per_attempt) == len(attempts)
-    for committed, requested in zip(attempts, per_attempt):
-        assert not requested - (all_prompts - committed), "a committed row was requested again"
-    return killed
-
-
 def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path):
-    assert crash_and_resume(tmp_path, kills=5, seed=1) >= 3
+    assert crash_and_resume(tmp_path, "sl", kills=5, seed=1) >= 3
 
 
 @pytest.mark.faults
 def test_many_sigkills(tmp_path):
-    assert crash_and_resume(tmp_path, kills=20, seed=2) >= 10
+    assert crash_and_resume(tmp_path, "sl", kills=20, seed=2) >= 10

@@ -56,6 +56,7 @@ class StageContext:
         self.console = console or Console()
         self._backends: dict[str, Backend] = {}
         self.model_calls = 0
+        self.skipped: set[str] = set()
 
     @property
     def run_dir(self) -> Path:
@@ -137,6 +138,7 @@ def usage_since(backend: Backend, before: Usage) -> Usage:
 
 
 def skip_message(ctx: StageContext, store: StageStore) -> None:
+    ctx.skipped.add(store.stage)
     manifest = store.manifest
     ctx.console.print(
         f"[green]✓[/] {store.stage}: complete for this config ({manifest.rows} rows, "

@@ -30,9 +30,11 @@ def resolve_policy(ctx: StageContext) -> tuple[str, dict[str, str]]:
     cfg = ctx.config.label
     if cfg.policy:
         return cfg.policy, {}
+    from cai.stages.ppo import stage_model
+
     sft = ctx.upstream_or_none("sft")
     if sft is not None:
-        return str(sft.path / "model"), {"sft": sft.config_hash}
+        return stage_model(sft), {"sft": sft.config_hash}
     return ctx.config.model, {}
 
 

@@ -21,10 +21,12 @@ def _seed(ctx: StageContext, section) -> int:
 
 def _model_from(ctx: StageContext, stage: str) -> tuple[str, dict[str, str]]:
     """The model a stage produced in this run, or the run's base model when it has not run."""
+    from cai.stages.ppo import stage_model
+
     store = ctx.upstream_or_none(stage)
     if store is None:
         return ctx.config.model, {}
-    return str(store.path / "model"), {stage: store.config_hash}
+    return stage_model(store), {stage: store.config_hash}
 
 
 def _finish(ctx: StageContext, store: StageStore, summary: dict, what: str) -> StageStore:
@@ -177,6 +179,7 @@ def run_dpo(ctx: StageContext, fresh: bool = False) -> StageStore:
 
 def run_rloo(ctx: StageContext, fresh: bool = False) -> StageStore:
     from cai.sources import load_prompts
+    from cai.stages.ppo import stage_model
     from cai.train.rloo import train_rloo
 
     cfg = ctx.config.rloo
@@ -195,7 +198,7 @@ def run_rloo(ctx: StageContext, fresh: bool = False) -> StageStore:
     ctx.release()
     timer = Timer()
     with store:
-        result = train_rloo(cfg, policy, pm.path / "model", prompts, store.path, _seed(ctx, cfg), ctx.console)
+        result = train_rloo(cfg, policy, stage_model(pm), prompts, store.path, _seed(ctx, cfg), ctx.console)
         ctx.model_calls += 1
         summary = {**result.model_dump(mode="json"), "seconds": round(timer.seconds, 1)}
         return _finish(ctx, store, summary, f"{result.steps} RLOO steps")
