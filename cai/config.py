@@ -108,14 +108,26 @@ class ConfigError(ValueError):
 
 
 def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
+    """Set `a.b.0.c`: dict keys, and list positions by number (`mix.human.0.limit=8`)."""
     keys = dotted.split(".")
-    node = data
+    node: Any = data
     for key in keys[:-1]:
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"{source}: cannot set {dotted!r}: no list item {key!r}")
+            node = node[int(key)]
+            continue
         child = node.setdefault(key, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict | list):
             raise ConfigError(f"{source}: cannot set {dotted!r}: {key!r} is not a section")
         node = child
-    node[keys[-1]] = value
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{source}: cannot set {dotted!r}: no list item {last!r}")
+        node[int(last)] = value
+    else:
+        node[last] = value
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:

@@ -141,6 +141,18 @@ class Constitution(_Strict):
         """Canonical content hash: the same principles give the same hash whatever the YAML layout."""
         return content_hash(self.model_dump(mode="json"))
 
+    def stage_hash(self, stage: Literal["sl", "compare"]) -> str:
+        """Hash of only what a stage reads, so editing a comparison question re-runs labelling
+        but not the supervised stage (and a critique edit leaves existing labels alone)."""
+        fields = {"critique", "revision"} if stage == "sl" else {"compare"}
+        examples = self.examples.critique_revision if stage == "sl" else self.examples.compare
+        return content_hash(
+            {
+                "principles": [p.model_dump(include={"id", "tags", "weight", *fields}) for p in self.principles],
+                "examples": [e.model_dump(mode="json") for e in examples],
+            }
+        )
+
     def principle(self, principle_id: str) -> Principle:
         for principle in self.principles:
             if principle.id == principle_id:

@@ -48,7 +48,8 @@ def label_store(ctx: StageContext) -> tuple[StageStore, str]:
         "engine": ctx.config.engine.model_dump(mode="json"),
         "seed": ctx.config.seed,
         "constitution": ctx.constitution.name,
-        "constitution_hash": ctx.constitution.hash,
+        # only what this stage reads: editing another stage's texts must not redo this one
+        "constitution_stage_hash": ctx.constitution.stage_hash("compare"),
         "templates": ctx.builder.template_hashes(cfg.template_names()),
     }
     return StageStore(ctx.run_dir, STAGE, config, upstream=upstream), policy
@@ -112,7 +113,7 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
                 "audit.jsonl": lambda path: atomic_write_jsonl(path, audits),
                 "preferences.jsonl": lambda path: atomic_write_jsonl(path, preferences),
                 "preferences.parquet": lambda path: _write_parquet(path, preferences),
-                "README.md": lambda path: _write_card(path, store, summary),
+                "README.md": lambda path: _write_card(path, store, summary, ctx.constitution.hash),
             },
             order=lambda row: _order_key(row["row_id"]),
             summary=summary,
@@ -191,7 +192,7 @@ def _write_parquet(path: Path, rows: list[PreferenceRow]) -> None:
     write_parquet(path, rows)
 
 
-def _write_card(path: Path, store: StageStore, summary: dict) -> None:
+def _write_card(path: Path, store: StageStore, summary: dict, constitution_hash: str) -> None:
     from cai.export import dataset_card, write_card
 
     config = store.config
@@ -204,7 +205,7 @@ def _write_card(path: Path, store: StageStore, summary: dict) -> None:
         ),
         provenance={
             "constitution": config["constitution"],
-            "constitution_hash": config["constitution_hash"],
+            "constitution_hash": constitution_hash,
             "policy": config["policy"],
             "judge_model": config["judge_model"],
             "rule": config["label"]["rule"],

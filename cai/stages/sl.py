@@ -32,7 +32,8 @@ def sl_store(ctx: StageContext) -> StageStore:
         "engine": ctx.config.engine.model_dump(mode="json"),
         "seed": ctx.config.seed,
         "constitution": ctx.constitution.name,
-        "constitution_hash": ctx.constitution.hash,
+        # only what this stage reads: editing another stage's texts must not redo this one
+        "constitution_stage_hash": ctx.constitution.stage_hash("sl"),
         "templates": ctx.builder.template_hashes(cfg.template_names()),
     }
     return StageStore(ctx.run_dir, STAGE, config)
@@ -118,6 +119,7 @@ def sl_summary(rows: list[SLRecord]) -> dict:
 
 def sl_card(ctx: StageContext, store: StageStore, summary: dict) -> str:
     config = store.config
+    constitution_hash = ctx.constitution.hash
     return dataset_card(
         title=f"Constitutional AI SL data ({config['constitution']})",
         summary=(
@@ -127,7 +129,7 @@ def sl_card(ctx: StageContext, store: StageStore, summary: dict) -> str:
         ),
         provenance={
             "constitution": config["constitution"],
-            "constitution_hash": config["constitution_hash"],
+            "constitution_hash": constitution_hash,
             "model": config["model"],
             "templates": ", ".join(f"{k}={v[:12]}" for k, v in config["templates"].items()),
             "rounds": config["sl"]["rounds"],
