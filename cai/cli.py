@@ -33,6 +33,8 @@ generate_app = typer.Typer(help="Generate datasets (the supervised stage).", no_
 app.add_typer(generate_app, name="generate")
 train_app = typer.Typer(help="Train: sft, pm (preference model), ppo, dpo, rloo.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+config_app = typer.Typer(help="Inspect run configs: resolved values and every field's documentation.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -396,6 +398,68 @@ def audit(
             title=f"cai audit {run_dir}", constitution=cons,
         )
         console.print(f"[green]html:[/] {html}")
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[str, typer.Argument(help="Run config YAML (a path or a shipped name).")] = "quickstart",
+    set_: SetOption = None,
+) -> None:
+    """Print the config with every default filled in (what a run will actually use)."""
+    import yaml
+
+    from cai.config import ConfigError, load_config
+
+    try:
+        loaded = load_config(config, set_ or [])
+    except (ConfigError, FileNotFoundError) as exc:
+        fail(str(exc))
+    console.print(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False), highlight=False, markup=False)
+
+
+@config_app.command("schema")
+def config_schema(
+    section: Annotated[str | None, typer.Argument(help="A section (sl, label, ppo.kl...); default: all.")] = None,
+) -> None:
+    """Every config field with its type, default and description."""
+    from pydantic import BaseModel
+    from rich.markup import escape
+
+    from cai.runconfig import RunConfig
+
+    def rows(model: type[BaseModel], value: BaseModel | None, prefix: str):
+        """Walk the fields; defaults come from the default config itself (section defaults win)."""
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            nested = [
+                t for t in (getattr(annotation, "__args__", None) or (annotation,))
+                if isinstance(t, type) and issubclass(t, BaseModel)
+            ]
+            current = getattr(value, name, None) if value is not None else None
+            if len(nested) == 1:
+                yield f"{prefix}{name}", nested[0].__name__, "" if current else "None", field.description or ""
+                yield from rows(nested[0], current if isinstance(current, BaseModel) else None, f"{prefix}{name}.")
+                continue
+            if len(nested) > 1:  # a union chosen by `kind` (engines): each variant's fields
+                yield f"{prefix}{name}", " | ".join(t.__name__ for t in nested), "", field.description or ""
+                for variant in nested:
+                    tag = variant.model_fields["kind"].default if "kind" in variant.model_fields else variant.__name__
+                    chosen = current if isinstance(current, variant) else None
+                    yield from rows(variant, chosen, f"{prefix}{name}[kind={tag}].")
+                continue
+            kind = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            shown = repr(current.model_dump(mode="json") if isinstance(current, BaseModel) else current)
+            yield f"{prefix}{name}", kind, shown[:40], field.description or ""
+
+    table = Table("field", "type", "default", "description", title="run config fields")
+    found = False
+    for field, kind, default, description in rows(RunConfig, RunConfig(), ""):
+        if section is None or field == section or field.startswith((section + ".", section + "[")):
+            table.add_row(*(escape(cell) for cell in (field, kind, default, description)))
+            found = True
+    if not found:
+        fail(f"no config section or field {section!r}")
+    console.print(table)
 
 
 # --------------------------------------------------------------------------- models

@@ -92,3 +92,24 @@ def test_prompts_render_errors_are_clear():
 def test_models_list_shows_the_builtin_model():
     result = run("models", "list")
     assert result.exit_code == 0 and "smollm2-135m-instruct" in result.output
+
+
+def test_config_schema_documents_fields_with_section_defaults():
+    result = runner.invoke(app, ["config", "schema", "label.sampling"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "label.sampling.temperature" in result.output and "0 means greedy decoding" in result.output
+    line = next(l for l in result.output.splitlines() if "label.sampling.max_new_tokens" in l)
+    assert " 96 " in line  # the label section's own default, not SamplingParams' 256
+    engine = runner.invoke(app, ["config", "schema", "engine"], env={"COLUMNS": "200"})
+    assert "engine[kind=openai].base_url" in engine.output
+    assert runner.invoke(app, ["config", "schema", "nope"]).exit_code == 1
+
+
+def test_config_show_fills_defaults_and_applies_overrides():
+    result = runner.invoke(app, ["config", "show", "quickstart", "--set", "sl.rounds=3"])
+    assert result.exit_code == 0
+    import yaml
+
+    shown = yaml.safe_load(result.output)
+    assert shown["sl"]["rounds"] == 3 and shown["engine"]["kind"] == "hf"
+    assert shown["ppo"]["kl"]["kind"] == "adaptive"
