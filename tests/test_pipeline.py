@@ -69,6 +69,12 @@ def test_every_stage_runs_and_the_report_is_written(first_run):
     assert ppo.config["policy"] == sft_model and "/pm/" in ppo.config["reward_model"]
     assert ppo.summary["steps"] == 1 and ppo.summary["history"]
     assert ctx.model_calls > 0
+    import json
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["constitution"]["hash"] == ctx.constitution.hash
+    assert set(manifest["stages"]) >= {"sl", "sft", "label", "mix", "pm", "ppo", "eval"}
+    assert "torch" in manifest["versions"] and manifest["stages"]["sl"]["generated_tokens"] > 0
 
 
 def test_second_run_with_the_same_config_makes_no_model_call(first_run):

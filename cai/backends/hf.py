@@ -27,6 +27,7 @@ from cai.config import HFEngine
 log = logging.getLogger("cai.backends.hf")
 
 MIN_SHARED_PREFIX = 16  # tokens; below this a prefix pass costs more than it saves
+PREFIX_SHARE = 0.5  # a group's shared prefix must cover at least this share of its shortest member
 
 
 def pick_device(requested: str) -> str:
@@ -322,16 +323,12 @@ class HFBackend:
         order = sorted(jobs, key=lambda j: j.tokens)
         clusters: list[list[_ScoreJob]] = []
         for job in order:
-            if (
-                clusters
-                and self.config.prefix_reuse
-                and _common_prefix(clusters[-1][0].tokens, job.tokens) >= MIN_SHARED_PREFIX
-            ):
+            if clusters and self.config.prefix_reuse and self._worth_sharing(clusters[-1], job):
                 clusters[-1].append(job)
             else:
                 clusters.append([job])
         size = self.config.score_batch_size
-        loners = [c[0] for c in clusters if len(c) == 1]
+        loners = sorted((c[0] for c in clusters if len(c) == 1), key=lambda j: len(j.tokens))  # less padding
         batches = [c[i : i + size] for c in clusters if len(c) > 1 for i in range(0, len(c), size)]
         batches += [loners[i : i + size] for i in range(0, len(loners), size)]
         for group in batches:
@@ -344,6 +341,19 @@ class HFBackend:
             self.usage.scored_tokens += sum(len(j.tokens) for j in group) - prefix * (len(group) - 1)
             self.usage.cached_tokens += prefix * (len(group) - 1)
             yield group, prefix
+
+    @staticmethod
+    def _worth_sharing(cluster: list[_ScoreJob], job: _ScoreJob) -> bool:
+        """Join a cluster only if the prefix shared with ALL its members is most of both sequences.
+
+        Everything shares the chat template's system prompt, and an ensemble's two presentation
+        orders share the conversation; grouping on such short prefixes would compute little
+        once and a lot twice. Requiring the shared part to be at least half of the shorter
+        sequence keeps the groups that matter: one (label, order) under many principles.
+        """
+        shared = _common_prefix(cluster[0].tokens, job.tokens)  # sorted: the minimum over the cluster
+        shortest = min(len(job.tokens), min(len(j.tokens) for j in cluster))
+        return shared >= max(MIN_SHARED_PREFIX, PREFIX_SHARE * shortest)
 
     def _score_group(self, model, group: list[_ScoreJob], prefix_len: int, option_ids, single: bool):
         """Log-probs for one group: a prefix pass (if shared), then all suffixes left-padded.

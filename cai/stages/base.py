@@ -146,6 +146,24 @@ def skip_message(ctx: StageContext, store: StageStore) -> None:
     )
 
 
+def is_main_process() -> bool:
+    """Under `accelerate launch` every rank runs the stage; only rank 0 writes the stage folder."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def writer(store: StageStore) -> Iterator[StageStore | None]:
+    """Open the store on the main process only; other ranks train without touching it."""
+    if not is_main_process():
+        store.path.mkdir(parents=True, exist_ok=True)
+        yield None
+        return
+    with store:
+        yield store
+
+
 class Timer:
     def __init__(self) -> None:
         self.started = time.perf_counter()

@@ -8,7 +8,7 @@ from the newest one (model, optimizer, scheduler, RNG, KL controller, data posit
 
 from __future__ import annotations
 
-from cai.stages.base import StageContext, Timer, skip_message
+from cai.stages.base import StageContext, Timer, skip_message, writer
 from cai.store import StageStore
 
 
@@ -46,7 +46,7 @@ def run_ppo(ctx: StageContext, fresh: bool = False) -> StageStore:
         return store
     ctx.release()
     timer = Timer()
-    with store:
+    with writer(store) as opened:
         result = train_ppo(cfg, store.path, policy=policy, reward_model=reward)
         ctx.model_calls += 1
         summary = {
@@ -58,7 +58,9 @@ def run_ppo(ctx: StageContext, fresh: bool = False) -> StageStore:
             "history": result.history,
             "seconds": round(timer.seconds, 1),
         }
-        store.finalize(summary=summary)
+        if opened is None:  # another rank of a distributed run: rank 0 records the result
+            return store
+        opened.finalize(summary=summary)
     first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
     ctx.console.print(
         f"[green]✓[/] ppo: {result.steps} steps, reward {first.get('reward', float('nan')):.3f} -> "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from cai.records import PreferenceRow
-from cai.stages.base import StageContext, Timer, skip_message
+from cai.stages.base import StageContext, Timer, skip_message, writer
 from cai.store import StageStore
 
 
@@ -29,9 +29,12 @@ def _model_from(ctx: StageContext, stage: str) -> tuple[str, dict[str, str]]:
     return stage_model(store), {stage: store.config_hash}
 
 
-def _finish(ctx: StageContext, store: StageStore, summary: dict, what: str) -> StageStore:
-    store.finalize(summary=summary)
-    ctx.console.print(f"[green]✓[/] {store.stage}: {what} -> {store.path}")
+def _finish(ctx: StageContext, store: StageStore, opened: StageStore | None, summary: dict, what: str) -> StageStore:
+    if opened is not None:  # the main process records the result; other ranks only trained
+        import os
+
+        opened.finalize(summary={**summary, "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
+        ctx.console.print(f"[green]✓[/] {store.stage}: {what} -> {store.path}")
     return store
 
 
@@ -58,11 +61,11 @@ def run_sft(ctx: StageContext, fresh: bool = False) -> StageStore:
         raise ValueError(f"{sl.path / 'sft.jsonl'} has no examples: every SL row failed")
     ctx.release()  # free inference copies before training
     timer = Timer()
-    with store:
+    with writer(store) as opened:
         result = train_sft(cfg, base, examples, store.path, _seed(ctx, cfg), ctx.console)
         ctx.model_calls += 1
         summary = {**result.model_dump(mode="json"), "seconds": round(timer.seconds, 1)}
-        return _finish(ctx, store, summary, f"{result.steps} steps on {len(examples)} revisions")
+        return _finish(ctx, store, opened, summary, f"{result.steps} steps on {len(examples)} revisions")
 
 
 # --------------------------------------------------------------------------- mix
@@ -142,12 +145,12 @@ def run_pm(ctx: StageContext, fresh: bool = False) -> StageStore:
     train, held_out = split_by_prompt(rows, cfg.eval_fraction, seed)
     ctx.release()
     timer = Timer()
-    with store:
+    with writer(store) as opened:
         report = train_preference_model(cfg, base, train, held_out, store.path, seed, ctx.console)
         ctx.model_calls += 1
         summary = {**report.model_dump(mode="json"), "seconds": round(timer.seconds, 1)}
         by_source = ", ".join(f"{k} {v:.2f}" for k, v in report.accuracy_by_source.items())
-        return _finish(ctx, store, summary, f"held-out accuracy {report.accuracy:.3f} ({by_source})")
+        return _finish(ctx, store, opened, summary, f"held-out accuracy {report.accuracy:.3f} ({by_source})")
 
 
 # --------------------------------------------------------------------------- dpo / rloo
@@ -170,11 +173,11 @@ def run_dpo(ctx: StageContext, fresh: bool = False) -> StageStore:
         return store
     ctx.release()
     timer = Timer()
-    with store:
+    with writer(store) as opened:
         result = train_dpo(cfg, base, rows, store.path, _seed(ctx, cfg), ctx.console)
         ctx.model_calls += 1
         summary = {**result.model_dump(mode="json"), "seconds": round(timer.seconds, 1)}
-        return _finish(ctx, store, summary, f"{result.steps} DPO steps")
+        return _finish(ctx, store, opened, summary, f"{result.steps} DPO steps")
 
 
 def run_rloo(ctx: StageContext, fresh: bool = False) -> StageStore:
@@ -197,8 +200,8 @@ def run_rloo(ctx: StageContext, fresh: bool = False) -> StageStore:
     prompts = [item.prompt for item in load_prompts(ctx.config.label.prompts)]
     ctx.release()
     timer = Timer()
-    with store:
+    with writer(store) as opened:
         result = train_rloo(cfg, policy, stage_model(pm), prompts, store.path, _seed(ctx, cfg), ctx.console)
         ctx.model_calls += 1
         summary = {**result.model_dump(mode="json"), "seconds": round(timer.seconds, 1)}
-        return _finish(ctx, store, summary, f"{result.steps} RLOO steps")
+        return _finish(ctx, store, opened, summary, f"{result.steps} RLOO steps")

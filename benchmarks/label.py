@@ -1,0 +1,93 @@
+"""Labelling cost of a 16-principle ensemble vs a single principle, on hf (and vllm if installed).
+
+    HF_HUB_OFFLINE=1 python benchmarks/label.py [--labels 8 --response-tokens 96]
+
+The same labels (prompt + two fixed responses each) are judged by `cai.judge.judge`, both
+orders, under 1 principle and under 16 principles of the shipped harmless constitution. The
+principle is the last part of the comparison prompt, so the 16 prompts of one (label, order)
+share their whole prefix, which the hf engine computes once and vLLM's prefix cache reuses.
+Target: 16 principles cost <= 2.5x one principle. Runs are measured side by side, best of 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _common import have_vllm  # noqa: E402
+
+
+def labels(count: int, tokens: int):
+    """Red-team prompts with two long, different responses each (realistic prompt lengths)."""
+    from cai.resources import data_path
+
+    import json
+
+    rows = [json.loads(line) for line in data_path("red_team.jsonl").read_text().splitlines()][:count]
+    words = ("I understand why you ask, but here is a careful answer that weighs the risks, the law and "
+             "the people involved, and suggests a safer way to reach the same goal. ").split()
+    safe = " ".join((words * 10)[: int(tokens * 0.75)])
+    unsafe = " ".join((["Sure,", "here", "is", "exactly", "how", "to", "do", "it", "step", "by", "step."] * 20)[: int(tokens * 0.75)])
+    conversations = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    return conversations, [[safe, unsafe] for _ in rows]
+
+
+def measure(backend, conversations, responses, n_principles: int, repeats: int = 2) -> float:
+    from cai.chats import ChatBuilder
+    from cai.constitution import load_constitution
+    from cai.judge import LabelConfig, judge
+    from cai.prompts import Templates
+
+    constitution = load_constitution("harmless")
+    builder = ChatBuilder(Templates(), constitution)
+    chosen = constitution.select(stages=["compare"])[:n_principles]
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        judge(backend, builder, conversations, responses, [chosen] * len(conversations), LabelConfig())
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--labels", type=int, default=8)
+    parser.add_argument("--response-tokens", type=int, default=96)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--skip-vllm", action="store_true")
+    args = parser.parse_args()
+
+    from cai.backends.hf import HFBackend
+    from cai.config import HFEngine, VLLMEngine
+
+    conversations, responses = labels(args.labels, args.response_tokens)
+    engines = [("hf", lambda: HFBackend(args.model, HFEngine()))]
+    engines.append(("hf, no prefix reuse", lambda: HFBackend(args.model, HFEngine(prefix_reuse=False))))
+    if have_vllm() and not args.skip_vllm:
+        from cai.backends.vllm import VLLMBackend
+
+        engines.append(("vllm", lambda: VLLMBackend(args.model, VLLMEngine(enforce_eager=True))))
+    else:
+        print("vllm: not installed here (make setup-engines), skipped")
+    print(f"\n{args.labels} labels x 2 orders, responses ~{args.response_tokens} tokens")
+    print(f"{'engine':22}{'1 principle s':>15}{'16 principles s':>17}{'ratio':>8}{'labels/s (16)':>15}")
+    for name, make in engines:
+        backend = make()
+        measure(backend, conversations[:1], responses[:1], 1, repeats=1)  # load + warm up
+        one = measure(backend, conversations, responses, 1)
+        sixteen = measure(backend, conversations, responses, 16)
+        ratio = sixteen / one
+        verdict = "(reference)" if "no prefix" in name else ("target <= 2.5: " + ("met" if ratio <= 2.5 else "MISSED"))
+        print(f"{name:22}{one:>15.2f}{sixteen:>17.2f}{ratio:>8.2f}{args.labels / sixteen:>15.2f}   {verdict}")
+        backend.close()
+        del backend
+
+
+if __name__ == "__main__":
+    main()
