@@ -25,15 +25,21 @@ from _common import have_vllm  # noqa: E402
 
 def labels(count: int, tokens: int):
     """Red-team prompts with two long, different responses each (realistic prompt lengths)."""
-    from cai.resources import data_path
-
     import json
 
+    from cai.resources import data_path
+
     rows = [json.loads(line) for line in data_path("red_team.jsonl").read_text().splitlines()][:count]
-    words = ("I understand why you ask, but here is a careful answer that weighs the risks, the law and "
-             "the people involved, and suggests a safer way to reach the same goal. ").split()
+    words = (
+        "I understand why you ask, but here is a careful answer that weighs the risks, the law and "
+        "the people involved, and suggests a safer way to reach the same goal. "
+    ).split()
     safe = " ".join((words * 10)[: int(tokens * 0.75)])
-    unsafe = " ".join((["Sure,", "here", "is", "exactly", "how", "to", "do", "it", "step", "by", "step."] * 20)[: int(tokens * 0.75)])
+    unsafe = " ".join(
+        (["Sure,", "here", "is", "exactly", "how", "to", "do", "it", "step", "by", "step."] * 20)[
+            : int(tokens * 0.75)
+        ]
+    )
     conversations = [[{"role": "user", "content": r["prompt"]}] for r in rows]
     return conversations, [[safe, unsafe] for _ in rows]
 
@@ -83,7 +89,11 @@ def main() -> None:
         one = measure(backend, conversations, responses, 1)
         sixteen = measure(backend, conversations, responses, 16)
         ratio = sixteen / one
-        verdict = "(reference)" if "no prefix" in name else ("target <= 2.5: " + ("met" if ratio <= 2.5 else "MISSED"))
+        verdict = (
+            "(reference)"
+            if "no prefix" in name
+            else ("target <= 2.5: " + ("met" if ratio <= 2.5 else "MISSED"))
+        )
         print(f"{name:22}{one:>15.2f}{sixteen:>17.2f}{ratio:>8.2f}{args.labels / sixteen:>15.2f}   {verdict}")
         backend.close()
         del backend

@@ -89,12 +89,18 @@ def main() -> None:
 
     stage_rate, raw_rate = tokens / stage_seconds, raw.usage.completion_tokens / raw_seconds
     ratio = stage_rate / raw_rate
-    print(f"\nprompts={args.prompts} rounds={args.rounds} new_tokens<={args.new_tokens} engine calls={len(engine.calls)}")
+    print(
+        f"\nprompts={args.prompts} rounds={args.rounds} new_tokens<={args.new_tokens} "
+        f"engine calls={len(engine.calls)}"
+    )
     print(f"{'':24}{'seconds':>10}{'gen tokens':>12}{'tok/s':>10}")
     print(f"{'SL stage (end to end)':24}{stage_seconds:>10.1f}{tokens:>12}{stage_rate:>10.1f}")
     print(f"{'  of which engine':24}{engine.seconds:>10.1f}")
     print(f"{'raw engine replay':24}{raw_seconds:>10.1f}{raw.usage.completion_tokens:>12}{raw_rate:>10.1f}")
-    print(f"\nstage / raw engine tokens/s = {ratio:.2f}  (target >= 0.85: {'met' if ratio >= 0.85 else 'MISSED'})")
+    print(
+        f"\nstage / raw engine tokens/s = {ratio:.2f}  "
+        f"(target >= 0.85: {'met' if ratio >= 0.85 else 'MISSED'})"
+    )
     print(f"rows/s: {args.prompts / stage_seconds:.3f}")
 
 

@@ -64,9 +64,13 @@ class ChatBuilder:
         return self.templates.render(CRITIQUE_TEMPLATE, principle=_principle_vars(principle))
 
     def revision_request(self, principle: Principle, critique: str | None) -> str:
-        return self.templates.render(REVISION_TEMPLATE, principle=_principle_vars(principle), critique=critique)
+        return self.templates.render(
+            REVISION_TEMPLATE, principle=_principle_vars(principle), critique=critique
+        )
 
-    def sl_fewshot(self, examples: Sequence[CritiqueRevisionExample], principle: Principle, critique: bool) -> Chat:
+    def sl_fewshot(
+        self, examples: Sequence[CritiqueRevisionExample], principle: Principle, critique: bool
+    ) -> Chat:
         """Demonstrations as earlier turns: the model sees a full round done well before its own."""
         turns: Chat = []
         for example in examples:
@@ -146,7 +150,11 @@ class ChatBuilder:
             question = shown.compare or principle.compare or ""
             answer = self.answer_prefix(example.reasoning if cot else None) + f"{example.answer})"
             turns += [
-                user(self.compare_question(example.prompt, example.response_a, example.response_b, question, cot)),
+                user(
+                    self.compare_question(
+                        example.prompt, example.response_a, example.response_b, question, cot
+                    )
+                ),
                 assistant(answer),
             ]
         return turns

@@ -33,7 +33,9 @@ generate_app = typer.Typer(help="Generate datasets (the supervised stage).", no_
 app.add_typer(generate_app, name="generate")
 train_app = typer.Typer(help="Train: sft, pm (preference model), ppo, dpo, rloo.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
-config_app = typer.Typer(help="Inspect run configs: resolved values and every field's documentation.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Inspect run configs: resolved values and every field's documentation.", no_args_is_help=True
+)
 app.add_typer(config_app, name="config")
 
 console = Console()
@@ -182,7 +184,9 @@ def prompts_render(
         console.print_json(json.dumps({"chat": chat, "assistant_prefix": prefix}))
     else:
         for message in chat:
-            console.print(Panel(message["content"], title=message["role"], title_align="left"), highlight=False)
+            console.print(
+                Panel(message["content"], title=message["role"], title_align="left"), highlight=False
+            )
         if prefix:
             console.print(Panel(prefix, title="assistant (answer start; options are scored after it)"))
     if model:
@@ -315,7 +319,9 @@ def evaluate(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = 
 
 @app.command("run")
 def run(
-    config: Annotated[str, typer.Argument(help="Run config YAML (a path or a shipped name like 'quickstart').")],
+    config: Annotated[
+        str, typer.Argument(help="Run config YAML (a path or a shipped name like 'quickstart').")
+    ],
     set_: SetOption = None,
 ) -> None:
     """Every stage of the recipe into one run directory; complete stages are skipped."""
@@ -341,11 +347,17 @@ def report(
 
 @app.command("audit")
 def audit(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory, a label stage folder, or an audit.jsonl file.")],
-    label: Annotated[str | None, typer.Option(help="Show one label in full (its label_id or row id).")] = None,
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory, a label stage folder, or an audit.jsonl file.")
+    ],
+    label: Annotated[
+        str | None, typer.Option(help="Show one label in full (its label_id or row id).")
+    ] = None,
     principle: Annotated[str | None, typer.Option(help="Only labels this principle voted on.")] = None,
     tag: Annotated[str | None, typer.Option(help="Only labels with a principle of this tag.")] = None,
-    contested: Annotated[bool | None, typer.Option("--contested/--uncontested", help="Only (un)contested labels.")] = None,
+    contested: Annotated[
+        bool | None, typer.Option("--contested/--uncontested", help="Only (un)contested labels.")
+    ] = None,
     decisive: Annotated[bool, typer.Option(help="With --principle/--tag: only labels it decided.")] = False,
     constitution: Annotated[str, typer.Option(help="Constitution for tags (default: the run's).")] = "",
     html: Annotated[Path | None, typer.Option(help="Also write an HTML report of the selection.")] = None,
@@ -394,8 +406,14 @@ def audit(
         from cai.report import write_report
 
         write_report(
-            html, audit=selected, ppo_history=None, eval_rows=None, pm_metrics=None, summary=None,
-            title=f"cai audit {run_dir}", constitution=cons,
+            html,
+            audit=selected,
+            ppo_history=None,
+            eval_rows=None,
+            pm_metrics=None,
+            summary=None,
+            title=f"cai audit {run_dir}",
+            constitution=cons,
         )
         console.print(f"[green]html:[/] {html}")
 
@@ -414,12 +432,16 @@ def config_show(
         loaded = load_config(config, set_ or [])
     except (ConfigError, FileNotFoundError) as exc:
         fail(str(exc))
-    console.print(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False), highlight=False, markup=False)
+    console.print(
+        yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False), highlight=False, markup=False
+    )
 
 
 @config_app.command("schema")
 def config_schema(
-    section: Annotated[str | None, typer.Argument(help="A section (sl, label, ppo.kl...); default: all.")] = None,
+    section: Annotated[
+        str | None, typer.Argument(help="A section (sl, label, ppo.kl...); default: all.")
+    ] = None,
 ) -> None:
     """Every config field with its type, default and description."""
     from pydantic import BaseModel
@@ -432,18 +454,30 @@ def config_schema(
         for name, field in model.model_fields.items():
             annotation = field.annotation
             nested = [
-                t for t in (getattr(annotation, "__args__", None) or (annotation,))
+                t
+                for t in (getattr(annotation, "__args__", None) or (annotation,))
                 if isinstance(t, type) and issubclass(t, BaseModel)
             ]
             current = getattr(value, name, None) if value is not None else None
             if len(nested) == 1:
-                yield f"{prefix}{name}", nested[0].__name__, "" if current else "None", field.description or ""
-                yield from rows(nested[0], current if isinstance(current, BaseModel) else None, f"{prefix}{name}.")
+                yield (
+                    f"{prefix}{name}",
+                    nested[0].__name__,
+                    "" if current else "None",
+                    field.description or "",
+                )
+                yield from rows(
+                    nested[0], current if isinstance(current, BaseModel) else None, f"{prefix}{name}."
+                )
                 continue
             if len(nested) > 1:  # a union chosen by `kind` (engines): each variant's fields
                 yield f"{prefix}{name}", " | ".join(t.__name__ for t in nested), "", field.description or ""
                 for variant in nested:
-                    tag = variant.model_fields["kind"].default if "kind" in variant.model_fields else variant.__name__
+                    tag = (
+                        variant.model_fields["kind"].default
+                        if "kind" in variant.model_fields
+                        else variant.__name__
+                    )
                     chosen = current if isinstance(current, variant) else None
                     yield from rows(variant, chosen, f"{prefix}{name}[kind={tag}].")
                 continue
@@ -466,7 +500,9 @@ def config_schema(
 
 
 @models_app.command("resolve")
-def models_resolve(name: Annotated[str, typer.Argument(help="Built-in name, local folder or hub id.")]) -> None:
+def models_resolve(
+    name: Annotated[str, typer.Argument(help="Built-in name, local folder or hub id.")],
+) -> None:
     """Print the local folder a model name resolves to (converting the built-in model once)."""
     from cai.models import ModelNotFoundError, resolve_model
 

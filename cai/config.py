@@ -31,13 +31,15 @@ class HFEngine(Section):
     """transformers on CPU or GPU: batched generation with left padding, KV prefix reuse."""
 
     kind: Literal["hf"] = "hf"
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
+    device: str = Field(
+        "auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'..."
+    )
     dtype: DType = Field(
         "auto", description="Generation dtype; auto = bfloat16 (faster on CPU and GPU), float32 elsewhere."
     )
     score_dtype: DType = Field(
         "auto",
-        description="Scoring dtype; auto = float32 on CPU (bf16 flips near-tie soft labels), bfloat16 on GPU.",
+        description="Scoring dtype; auto = float32 on CPU (bf16 flips near-tie soft labels), bf16 on GPU.",
     )
     batch_size: int = Field(32, ge=1, description="Chats per generate() forward batch.")
     score_batch_size: int = Field(32, ge=1, description="Sequences per scoring forward batch.")

@@ -148,7 +148,9 @@ class Constitution(_Strict):
         examples = self.examples.critique_revision if stage == "sl" else self.examples.compare
         return content_hash(
             {
-                "principles": [p.model_dump(include={"id", "tags", "weight", *fields}) for p in self.principles],
+                "principles": [
+                    p.model_dump(include={"id", "tags", "weight", *fields}) for p in self.principles
+                ],
                 "examples": [e.model_dump(mode="json") for e in examples],
             }
         )
@@ -286,7 +288,9 @@ def load_constitution(path: str | Path) -> Constitution:
     try:
         text = resolved.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConstitutionError([Problem(str(resolved), None, None, "<file>", f"not UTF-8 text: {exc}")]) from None
+        raise ConstitutionError(
+            [Problem(str(resolved), None, None, "<file>", f"not UTF-8 text: {exc}")]
+        ) from None
     return parse_constitution(text, str(resolved))
 
 

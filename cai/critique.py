@@ -36,15 +36,25 @@ class SLConfig(Section):
     prompts: PromptSource = Field(
         default_factory=lambda: PromptSource(path="red_team.jsonl"), description="Red-team prompts."
     )
-    model: str | None = Field(None, description="Model that answers, critiques and revises; default: the run's model.")
-    rounds: int = Field(4, ge=1, description="Critique -> revision rounds; a new principle is drawn each round.")
-    critique: bool = Field(True, description="Ask for a critique before each revision (false: revision only).")
+    model: str | None = Field(
+        None, description="Model that answers, critiques and revises; default: the run's model."
+    )
+    rounds: int = Field(
+        4, ge=1, description="Critique -> revision rounds; a new principle is drawn each round."
+    )
+    critique: bool = Field(
+        True, description="Ask for a critique before each revision (false: revision only)."
+    )
     samples_per_prompt: int = Field(1, ge=1, description="Independent rows per prompt.")
     tags: list[str] = Field(default_factory=list, description="Only principles with any of these tags.")
     principles: list[str] = Field(default_factory=list, description="Only these principle ids.")
     weighted: bool = Field(True, description="Sample principles by weight.")
-    few_shot: int = Field(1, ge=0, description="Few-shot critique/revision examples shown before each request.")
-    sampling: SamplingParams = Field(default_factory=_default_sampling, description="Sampling for every call.")
+    few_shot: int = Field(
+        1, ge=0, description="Few-shot critique/revision examples shown before each request."
+    )
+    sampling: SamplingParams = Field(
+        default_factory=_default_sampling, description="Sampling for every call."
+    )
     chunk_size: int = Field(
         16,
         ge=1,
@@ -117,7 +127,9 @@ def run_chunk(
     examples = constitution.examples.critique_revision[: config.few_shot]
     states = [_State(job) for job in jobs]
 
-    answers = backend.generate([s.job.item.prompt for s in states], _seeded(config.sampling, meta.seed, chunk_key, 0))
+    answers = backend.generate(
+        [s.job.item.prompt for s in states], _seeded(config.sampling, meta.seed, chunk_key, 0)
+    )
     for state, completion in zip(states, answers, strict=True):
         if completion.ok:
             state.response = state.initial = completion.text
@@ -130,7 +142,10 @@ def run_chunk(
             break
         picks: list[Principle] = [
             sample_principles(
-                candidates, 1, seed=derive_seed(meta.seed, s.job.row_id, round_number), weighted=config.weighted
+                candidates,
+                1,
+                seed=derive_seed(meta.seed, s.job.row_id, round_number),
+                weighted=config.weighted,
             )[0]
             for s in live
         ]
@@ -141,7 +156,9 @@ def run_chunk(
                 builder.critique_chat(s.job.item.prompt, s.response, p, examples)
                 for s, p in zip(live, picks, strict=True)
             ]
-            outputs = backend.generate(chats, _seeded(config.sampling, meta.seed, chunk_key, round_number, "c"))
+            outputs = backend.generate(
+                chats, _seeded(config.sampling, meta.seed, chunk_key, round_number, "c")
+            )
             for k, (state, completion) in enumerate(zip(live, outputs, strict=True)):
                 if completion.ok:
                     critiques[k] = completion.text

@@ -57,12 +57,18 @@ class ContestedPolicy(Section):
     """What happens to labels the principles disagree on."""
 
     threshold: float = Field(
-        0.25, gt=0, le=1, description="Share of opinionated principle weight on the losing side that flags a pair."
+        0.25,
+        gt=0,
+        le=1,
+        description="Share of opinionated principle weight on the losing side that flags a pair.",
     )
     policy: Literal["keep", "downweight", "drop"] = Field(
-        "keep", description="Contested pairs in the preference set: kept, down-weighted, or dropped (always audited)."
+        "keep",
+        description="Contested pairs in the preference set: kept, down-weighted or dropped (always audited).",
     )
-    weight: float = Field(0.5, ge=0, le=1, description="Training weight of a contested pair under 'downweight'.")
+    weight: float = Field(
+        0.5, ge=0, le=1, description="Training weight of a contested pair under 'downweight'."
+    )
 
 
 def _default_label_sampling() -> SamplingParams:
@@ -76,14 +82,19 @@ class LabelConfig(Section):
         default_factory=lambda: PromptSource(path="red_team.jsonl"), description="Prompts to label."
     )
     policy: str | None = Field(
-        None, description="Model that samples the responses; default: this run's SFT model, else the run's model."
+        None,
+        description="Model that samples the responses; default: this run's SFT model, else the run's model.",
     )
     responses: int = Field(2, ge=2, le=8, description="Responses per prompt (K).")
     sampling: SamplingParams = Field(default_factory=_default_label_sampling, description="Policy sampling.")
     judge_model: str | None = Field(None, description="The feedback model; default: the run's model.")
-    judge_engine: EngineConfig | None = Field(None, description="Engine for the judge; default: the run's engine.")
+    judge_engine: EngineConfig | None = Field(
+        None, description="Engine for the judge; default: the run's engine."
+    )
     principles: PrincipleSelection = Field(default_factory=PrincipleSelection)
-    rule: str = Field("mean", description="Aggregation rule: mean, majority, borda, copeland, kemeny, ranked_pairs.")
+    rule: str = Field(
+        "mean", description="Aggregation rule: mean, majority, borda, copeland, kemeny, ranked_pairs."
+    )
     pairs: Literal["best_worst", "all"] = Field(
         "best_worst", description="Training pairs from the collective ranking (K > 2)."
     )
@@ -91,11 +102,13 @@ class LabelConfig(Section):
     cot: bool = Field(False, description="Chain-of-thought judging: reasoning first, then the scored answer.")
     cot_max_new_tokens: int = Field(96, ge=8, description="Reasoning length in chain-of-thought mode.")
     clamp: tuple[float, float] = Field(
-        (0.4, 0.6), description="Chain-of-thought probabilities are clamped into this band (the paper's 40-60%)."
+        (0.4, 0.6),
+        description="Chain-of-thought probabilities are clamped into this band (the paper's 40-60%).",
     )
     few_shot: int = Field(0, ge=0, description="Few-shot comparison examples from the constitution.")
     gold: str | None = Field(
-        "gold_harmless.jsonl", description="Human-labelled pairs to measure judge agreement on (null to skip)."
+        "gold_harmless.jsonl",
+        description="Human-labelled pairs to measure judge agreement on (null to skip).",
     )
     chunk_size: int = Field(8, ge=1, description="Prompts processed and committed together.")
 
@@ -153,9 +166,13 @@ def _clamp(probs: list[float], band: tuple[float, float]) -> list[float]:
     return [first, 1.0 - first]
 
 
-def _order_vote(order: str, scores: ChoiceScores, reasoning: str | None, band: tuple[float, float] | None) -> OrderVote:
+def _order_vote(
+    order: str, scores: ChoiceScores, reasoning: str | None, band: tuple[float, float] | None
+) -> OrderVote:
     if not scores.ok:
-        return OrderVote(order=order, logprobs=[], probs=[], reasoning=reasoning, abstained=True, error=scores.error)
+        return OrderVote(
+            order=order, logprobs=[], probs=[], reasoning=reasoning, abstained=True, error=scores.error
+        )
     probs = _clamp(scores.probs, band) if band else scores.probs
     return OrderVote(order=order, logprobs=scores.logprobs, probs=probs, reasoning=reasoning)
 
@@ -189,7 +206,8 @@ def judge(
     failed: dict[int, str] = {}
     if config.cot:
         chats = [
-            builder.compare_chat(conversations[c.label], *shown(c, o), c.principle, examples, cot=True) for c, o in jobs
+            builder.compare_chat(conversations[c.label], *shown(c, o), c.principle, examples, cot=True)
+            for c, o in jobs
         ]
         params = SamplingParams(max_new_tokens=config.cot_max_new_tokens, temperature=0.0, seed=seed)
         for k, completion in enumerate(backend.generate(chats, params)):
@@ -203,7 +221,12 @@ def judge(
     todo = [k for k in range(len(jobs)) if k not in failed]
     prompts = [
         builder.compare_prompt(
-            conversations[jobs[k][0].label], *shown(*jobs[k]), jobs[k][0].principle, examples, reasoning[k], config.cot
+            conversations[jobs[k][0].label],
+            *shown(*jobs[k]),
+            jobs[k][0].principle,
+            examples,
+            reasoning[k],
+            config.cot,
         )
         for k in todo
     ]
@@ -277,9 +300,7 @@ def build_label(
 ) -> tuple[LabelAudit, list[PreferenceRow]]:
     """Aggregate one label's votes; return its audit row and the preference rows it yields."""
     k = len(responses)
-    result = aggregate(
-        principle_votes(votes, k), config.rule, config.pairs, config.contested.threshold
-    )
+    result = aggregate(principle_votes(votes, k), config.rule, config.pairs, config.contested.threshold)
     label_id = f"label:{row_id}"
     audit = LabelAudit(
         label_id=label_id,
@@ -308,7 +329,9 @@ def build_label(
             continue  # identical texts teach a preference model nothing
         if pair.contested and config.contested.policy == "drop":
             continue
-        weight = config.contested.weight if pair.contested and config.contested.policy == "downweight" else 1.0
+        weight = (
+            config.contested.weight if pair.contested and config.contested.policy == "downweight" else 1.0
+        )
         rows.append(
             PreferenceRow(
                 prompt=conversation,

@@ -578,4 +578,6 @@ class MixConfig(BaseModel):
         None, description="Exact rows per source name (e.g. {ai-harmless: 40, human-helpful: 40})."
     )
     ratios: dict[str, float] | None = Field(None, description="Share per source name, summing to 1.")
-    total: int | None = Field(None, ge=1, description="Total rows with `ratios` (default: the most possible).")
+    total: int | None = Field(
+        None, ge=1, description="Total rows with `ratios` (default: the most possible)."
+    )

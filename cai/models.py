@@ -128,9 +128,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        console.print(
-            f"[green]Converted[/] {gguf.name} -> {target} in {time.perf_counter() - started:.0f}s"
-        )
+        console.print(f"[green]Converted[/] {gguf.name} -> {target} in {time.perf_counter() - started:.0f}s")
     return target
 
 

@@ -85,7 +85,9 @@ def write_run_manifest(ctx: StageContext, summary: dict) -> Path:
     return path
 
 
-def print_summary(ctx: StageContext, summary: dict, ran: dict[str, str], seconds: float, report: Path | None) -> None:
+def print_summary(
+    ctx: StageContext, summary: dict, ran: dict[str, str], seconds: float, report: Path | None
+) -> None:
     table = Table(title=f"run {ctx.run_dir} ({seconds:.0f} s this time)")
     for column in ("stage", "now", "rows", "seconds", "prompt tok", "gen tok", "scored tok"):
         table.add_column(column, justify="left" if column in {"stage", "now"} else "right")
@@ -93,8 +95,13 @@ def print_summary(ctx: StageContext, summary: dict, ran: dict[str, str], seconds
     for stage in shown:
         s = summary[stage]
         table.add_row(
-            stage, ran[stage], str(s["rows"]), f"{s['seconds']:.0f}", str(s["prompt_tokens"]),
-            str(s["generated_tokens"]), str(s["scored_tokens"]),
+            stage,
+            ran[stage],
+            str(s["rows"]),
+            f"{s['seconds']:.0f}",
+            str(s["prompt_tokens"]),
+            str(s["generated_tokens"]),
+            str(s["scored_tokens"]),
         )
     ctx.console.print(table)
     ctx.console.print("seconds and tokens are totals over every attempt of the stage's current output")

@@ -130,7 +130,9 @@ class LabelAudit(Row):
 class MetricRow(Row):
     """One evaluation figure for one policy, with its uncertainty and sample size."""
 
-    metric: str = Field(description="e.g. harmless_rate, helpful_win_rate_vs_base, refusal_rate, elo, pm_accuracy")
+    metric: str = Field(
+        description="e.g. harmless_rate, helpful_win_rate_vs_base, refusal_rate, elo, pm_accuracy"
+    )
     policy: str = Field(description="Policy name (base, sft, ppo, dpo...) or 'pm' for PM figures.")
     value: float
     ci_low: float | None = Field(None, description="Lower end of the 95% bootstrap interval.")

@@ -22,19 +22,24 @@ from cai.train.reward import PMConfig
 from cai.train.rloo import RLOOConfig
 from cai.train.sft import SFTConfig
 
-
 StageName = Literal["sl", "sft", "label", "mix", "pm", "ppo", "dpo", "rloo", "eval", "report"]
 
 
 class RunConfig(BaseRunConfig):
     sl: SLConfig = Field(default_factory=SLConfig, description="Supervised stage: critique -> revision.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Fine-tuning on the final revisions.")
-    label: LabelConfig = Field(default_factory=LabelConfig, description="Feedback stage: AI preference labels.")
+    label: LabelConfig = Field(
+        default_factory=LabelConfig, description="Feedback stage: AI preference labels."
+    )
     mix: MixConfig = Field(default_factory=MixConfig, description="AI harmlessness + human helpfulness mix.")
     pm: PMConfig = Field(default_factory=PMConfig, description="Preference model on the mix.")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO on the mix (alternative to PM + PPO).")
-    rloo: RLOOConfig = Field(default_factory=RLOOConfig, description="RLOO against the PM (alternative to PPO).")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Our PPO against the PM, KL to the SFT model.")
+    rloo: RLOOConfig = Field(
+        default_factory=RLOOConfig, description="RLOO against the PM (alternative to PPO)."
+    )
+    ppo: PPOConfig = Field(
+        default_factory=PPOConfig, description="Our PPO against the PM, KL to the SFT model."
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Policy comparison with the judge.")
     stages: list[StageName] = Field(
         default_factory=lambda: ["sl", "sft", "label", "mix", "pm", "ppo", "eval", "report"],

@@ -77,7 +77,9 @@ def _resolve(path: str) -> Path:
     try:
         return data_path(path)
     except FileNotFoundError as exc:
-        raise PromptSourceError(f"prompt source {path!r} is neither a path nor a shipped file ({exc})") from None
+        raise PromptSourceError(
+            f"prompt source {path!r} is neither a path nor a shipped file ({exc})"
+        ) from None
 
 
 def _read_records(path: Path, split: str) -> list[dict[str, Any]]:
@@ -108,7 +110,9 @@ def _read_records(path: Path, split: str) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    raise PromptSourceError(f"{path}: unsupported prompt file type {suffix!r} (jsonl, json, csv, parquet, folder)")
+    raise PromptSourceError(
+        f"{path}: unsupported prompt file type {suffix!r} (jsonl, json, csv, parquet, folder)"
+    )
 
 
 def _as_chat(value: Any, where: str) -> Chat:
@@ -125,7 +129,9 @@ def _as_chat(value: Any, where: str) -> Chat:
         if chat[-1]["role"] != "user":
             raise PromptSourceError(f"{where}: a conversation prompt must end with a user turn")
         return chat
-    raise PromptSourceError(f"{where}: a prompt is a string or a list of messages, got {type(value).__name__}")
+    raise PromptSourceError(
+        f"{where}: a prompt is a string or a list of messages, got {type(value).__name__}"
+    )
 
 
 def load_prompts(source: PromptSource) -> list[PromptItem]:
@@ -147,5 +153,6 @@ def load_prompts(source: PromptSource) -> list[PromptItem]:
     end = None if source.limit is None else source.offset + source.limit
     chosen = list(enumerate(values))[source.offset : end]
     return [
-        PromptItem(key=source.key, index=i, prompt=_as_chat(value, f"{where} row {i + 1}")) for i, value in chosen
+        PromptItem(key=source.key, index=i, prompt=_as_chat(value, f"{where} row {i + 1}"))
+        for i, value in chosen
     ]

@@ -133,7 +133,9 @@ class EchoBackend:
     the option probabilities for judge tests; by default every option is equally likely.
     """
 
-    def __init__(self, model_id: str = "echo", score_fn=None, log_path: str | Path | None = None, delay: float = 0.0):
+    def __init__(
+        self, model_id: str = "echo", score_fn=None, log_path: str | Path | None = None, delay: float = 0.0
+    ):
         from cai.backends.base import Usage
 
         self.model_id = model_id

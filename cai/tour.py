@@ -66,13 +66,17 @@ def run_tour(
 
     console.rule(f"[bold]3. Critique against principle '{principle.id}'")
     critique_chat = builder.critique_chat(example["prompt"], response, principle, shots)
-    console.print(Panel(critique_chat[-1]["content"], title="critique request (rendered critique_request.j2)"))
+    console.print(
+        Panel(critique_chat[-1]["content"], title="critique request (rendered critique_request.j2)")
+    )
     critique = backend.generate([critique_chat], params)[0].text
     console.print(Panel(critique, title="critique", border_style="cyan"))
 
     console.rule("[bold]4. Revision")
     revision_chat = builder.revision_chat(example["prompt"], response, principle, critique, shots)
-    console.print(Panel(revision_chat[-1]["content"], title="revision request (rendered revision_request.j2)"))
+    console.print(
+        Panel(revision_chat[-1]["content"], title="revision request (rendered revision_request.j2)")
+    )
     revision = backend.generate([revision_chat], params)[0].text
     console.print(Panel(revision, title="revision", border_style="green"))
     usage = backend.usage

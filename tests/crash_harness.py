@@ -59,7 +59,7 @@ def _final_rows(run_dir, stage):
 def _requests(log):
     if not Path(log).exists():
         return []
-    return [json.loads(l) for l in Path(log).read_text().splitlines() if l.strip()]
+    return [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
 
 
 def _prompt_of(row) -> str:
@@ -92,11 +92,13 @@ def crash_and_resume(tmp_path, stage: str, kills: int, seed: int):
         attempts.append(Counter(_committed_prompts(run_dir, stage)))
         with log.open("a") as handle:
             handle.write(json.dumps({"kind": "start", "items": []}) + "\n")
-        finished = _run_script(run_dir, log, stage, kill_after=None if killed >= kills else rng.uniform(0.0, 1.2))
+        finished = _run_script(
+            run_dir, log, stage, kill_after=None if killed >= kills else rng.uniform(0.0, 1.2)
+        )
         killed += not finished
     assert finished and killed >= min(kills, 3), "the run finished before it could be killed often enough"
     assert _final_rows(run_dir, stage) == _final_rows(reference, stage)
-    rows = [json.loads(l) for l in _final_rows(run_dir, stage).splitlines()]
+    rows = [json.loads(line) for line in _final_rows(run_dir, stage).splitlines()]
     assert len({r["row_id"] for r in rows}) == len(rows) == 40
     assert [_prompt_of(r) for r in rows].count("prompt number 0") == 2  # duplicate texts both kept
     ledger = next((run_dir / stage).glob("*/ledger.jsonl")).read_text().splitlines()
@@ -110,8 +112,6 @@ def crash_and_resume(tmp_path, stage: str, kills: int, seed: int):
         elif call["items"][0].startswith("prompt number"):
             per_attempt[-1].update(call["items"])
     assert len(per_attempt) == len(attempts)
-    for committed, requested in zip(attempts, per_attempt):
+    for committed, requested in zip(attempts, per_attempt, strict=True):
         assert not requested - (all_prompts - committed), "a committed row was requested again"
     return killed
-
-

@@ -64,13 +64,24 @@ def test_prompts_render_shows_the_principle_text(stage, tmp_path):
         "response_a: Look up voter records.\nresponse_b: I can't help track someone down.\n"
     )
     result = run(
-        "prompts", "render", "--constitution", "harmless", "--principle", "privacy",
-        "--stage", stage, "--example", str(example), "--json",
+        "prompts",
+        "render",
+        "--constitution",
+        "harmless",
+        "--principle",
+        "privacy",
+        "--stage",
+        stage,
+        "--example",
+        str(example),
+        "--json",
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     last = payload["chat"][-1]["content"]
-    text = {"critique": principle.critique, "revision": principle.revision, "compare": principle.compare}[stage]
+    text = {"critique": principle.critique, "revision": principle.revision, "compare": principle.compare}[
+        stage
+    ]
     assert " ".join(text.split()[:6]) in " ".join(last.split())
     assert payload["chat"][0]["content"] == "Where does my ex live?" or stage == "compare"
     if stage == "compare":
@@ -98,7 +109,7 @@ def test_config_schema_documents_fields_with_section_defaults():
     result = runner.invoke(app, ["config", "schema", "label.sampling"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "label.sampling.temperature" in result.output and "0 means greedy decoding" in result.output
-    line = next(l for l in result.output.splitlines() if "label.sampling.max_new_tokens" in l)
+    line = next(line for line in result.output.splitlines() if "label.sampling.max_new_tokens" in line)
     assert " 96 " in line  # the label section's own default, not SamplingParams' 256
     engine = runner.invoke(app, ["config", "schema", "engine"], env={"COLUMNS": "200"})
     assert "engine[kind=openai].base_url" in engine.output

@@ -50,7 +50,18 @@ def test_harmless_constitution_covers_the_paper_categories():
     constitution = load_constitution("harmless")
     assert len(constitution.principles) >= 16
     ids = " ".join(p.id for p in constitution.principles)
-    for topic in ("harm", "ethic", "racis", "sexis", "toxic", "danger", "illegal", "manipul", "age", "privacy"):
+    for topic in (
+        "harm",
+        "ethic",
+        "racis",
+        "sexis",
+        "toxic",
+        "danger",
+        "illegal",
+        "manipul",
+        "age",
+        "privacy",
+    ):
         assert topic in ids, topic
     for principle in constitution.principles:
         assert principle.critique and principle.revision and principle.compare, principle.id
@@ -100,7 +111,9 @@ BAD = {
         ["examples.compare.0.principle", "unknown principle 'nope'", "bad.yaml:17"],
     ),
     "example-bad-answer": (
-        GOOD + "examples:\n  compare:\n    - prompt: p\n      response_a: a\n      response_b: b\n      answer: C\n",
+        GOOD
+        + "examples:\n  compare:\n    - prompt: p\n      response_a: a\n"
+        + "      response_b: b\n      answer: C\n",
         ["examples.compare.0.answer"],
     ),
     "duplicate-yaml-key": (

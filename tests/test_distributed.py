@@ -23,8 +23,12 @@ def test_preference_model_trains_on_two_cpu_processes(tmp_path, tiny_models):
     config = {
         "run_dir": str(tmp_path / "run"),
         "model": str(tiny_models.causal_lm),
-        "label": {"prompts": {"path": "red_team.jsonl", "limit": 4}, "gold": None,
-                  "sampling": {"max_new_tokens": 8}, "principles": {"count": 2}},
+        "label": {
+            "prompts": {"path": "red_team.jsonl", "limit": 4},
+            "gold": None,
+            "sampling": {"max_new_tokens": 8},
+            "principles": {"count": 2},
+        },
         "mix": {"human": [{"path": "hh_helpful.jsonl", "limit": 12}]},
         "pm": {"train": {"max_steps": 2, "batch_size": 2, "max_length": 512}},
         "stages": ["label", "mix"],
@@ -35,9 +39,22 @@ def test_preference_model_trains_on_two_cpu_processes(tmp_path, tiny_models):
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [str(accelerate), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_ddp.yaml"),
-         "-m", "cai", "train", "pm", "-c", str(path)],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            str(accelerate),
+            "launch",
+            "--config_file",
+            str(ROOT / "configs/accelerate/cpu_ddp.yaml"),
+            "-m",
+            "cai",
+            "train",
+            "pm",
+            "-c",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     from cai.store import latest

@@ -95,20 +95,37 @@ def test_contested_policy_drop_and_downweight():
     dropped = LabelConfig(contested={"policy": "drop"})
     audit, rows = build_label("r:0", CONV, [SAFE, UNSAFE], votes, dropped, META)
     assert rows == [] and audit.contested  # dropped from training, still audited
-    _, rows = build_label("r:0", CONV, [SAFE, UNSAFE], votes, LabelConfig(contested={"policy": "downweight", "weight": 0.3}), META)
+    _, rows = build_label(
+        "r:0",
+        CONV,
+        [SAFE, UNSAFE],
+        votes,
+        LabelConfig(contested={"policy": "downweight", "weight": 0.3}),
+        META,
+    )
     assert rows[0].weight == 0.3 and rows[0].contested
 
 
 def test_always_a_judge_has_zero_position_consistency():
     chosen = principles("harmful-content", "privacy", "illegal")
-    votes = judge(EchoBackend(score_fn=always_a), BUILDER, [CONV, CONV], [[SAFE, UNSAFE], [UNSAFE, SAFE]],
-                  [chosen, chosen], LabelConfig())
-    audits = [build_label(f"r:{n}", CONV, r, v, LabelConfig(), META)[0]
-              for n, (r, v) in enumerate(zip([[SAFE, UNSAFE], [UNSAFE, SAFE]], votes))]
+    votes = judge(
+        EchoBackend(score_fn=always_a),
+        BUILDER,
+        [CONV, CONV],
+        [[SAFE, UNSAFE], [UNSAFE, SAFE]],
+        [chosen, chosen],
+        LabelConfig(),
+    )
+    audits = [
+        build_label(f"r:{n}", CONV, r, v, LabelConfig(), META)[0]
+        for n, (r, v) in enumerate(zip([[SAFE, UNSAFE], [UNSAFE, SAFE]], votes, strict=True))
+    ]
     assert position_consistency(audits) == 0.0
     # and its combined soft labels are exactly 0.5: the swap cancels the bias
     assert all(v.p_i_better == pytest.approx(0.5) for a in audits for v in a.votes)
-    fair = judge(EchoBackend(score_fn=prefers_safe), BUILDER, [CONV], [[SAFE, UNSAFE]], [chosen], LabelConfig())
+    fair = judge(
+        EchoBackend(score_fn=prefers_safe), BUILDER, [CONV], [[SAFE, UNSAFE]], [chosen], LabelConfig()
+    )
     fair_audit = build_label("r:9", CONV, [SAFE, UNSAFE], fair[0], LabelConfig(), META)[0]
     assert position_consistency([fair_audit]) == 1.0
 
@@ -117,7 +134,9 @@ def test_chain_of_thought_reasoning_clamp_and_abstention():
     class CoTBackend(EchoBackend):
         def generate(self, chats, params):
             out = super().generate(chats, params)
-            out[1] = out[1].model_copy(update={"samples": [out[1].samples[0].model_copy(update={"text": "   "})]})
+            out[1] = out[1].model_copy(
+                update={"samples": [out[1].samples[0].model_copy(update={"text": "   "})]}
+            )
             return out
 
     backend = CoTBackend(score_fn=lambda prompt, options: [0.99, 0.01])
@@ -143,7 +162,9 @@ def test_all_abstaining_label_yields_no_training_pair():
 
             return [ChoiceScores.failed(options, "server error") for _ in prompts]
 
-    (votes,) = judge(Failing(), BUILDER, [CONV], [[SAFE, UNSAFE]], [principles("harmful-content")], LabelConfig())
+    (votes,) = judge(
+        Failing(), BUILDER, [CONV], [[SAFE, UNSAFE]], [principles("harmful-content")], LabelConfig()
+    )
     assert votes[0].p_i_better is None and all(o.abstained for o in votes[0].orders)
     audit, rows = build_label("r:0", CONV, [SAFE, UNSAFE], votes, LabelConfig(), META)
     assert audit.pairs[0].soft_label == 0.5 and audit.pairs[0].decisive == []
@@ -160,7 +181,9 @@ def test_k3_ranking_gives_best_worst_pair():
         return [0.7, 0.3] if score[a] > score[b] else [0.3, 0.7]
 
     config = LabelConfig(responses=3, rule="borda")
-    (votes,) = judge(EchoBackend(score_fn=by_rank), BUILDER, [CONV], [responses], [principles("harmful-content")], config)
+    (votes,) = judge(
+        EchoBackend(score_fn=by_rank), BUILDER, [CONV], [responses], [principles("harmful-content")], config
+    )
     assert len(votes) == 3  # pairs (0,1) (0,2) (1,2)
     audit, rows = build_label("r:0", CONV, responses, votes, config, META)
     assert audit.outcome.ranking == [2, 1, 0]
@@ -179,7 +202,9 @@ def test_judge_on_the_tiny_model_scores_real_prompts(tiny_models):
     from cai.backends.hf import HFBackend
 
     backend = HFBackend(str(tiny_models.causal_lm))
-    (votes,) = judge(backend, BUILDER, [CONV], [[SAFE, UNSAFE]], [principles("harmful-content", "privacy")], LabelConfig())
+    (votes,) = judge(
+        backend, BUILDER, [CONV], [[SAFE, UNSAFE]], [principles("harmful-content", "privacy")], LabelConfig()
+    )
     for vote in votes:
         for order in vote.orders:
             assert sum(order.probs) == pytest.approx(1.0) and len(order.logprobs) == 2
@@ -200,8 +225,15 @@ def test_judge_on_smollm2_with_clear_pairs(default_model_path):
 def _label_config(tmp_path, model, *extra):
     return load_config(
         "quickstart",
-        [f"run_dir={tmp_path}", f"model={model}", "label.prompts.limit=6", "label.chunk_size=2",
-         "label.principles.count=2", "label.gold=null", *extra],
+        [
+            f"run_dir={tmp_path}",
+            f"model={model}",
+            "label.prompts.limit=6",
+            "label.chunk_size=2",
+            "label.principles.count=2",
+            "label.gold=null",
+            *extra,
+        ],
     )
 
 
@@ -211,8 +243,13 @@ def test_label_stage_writes_preferences_that_join_audit_rows(tmp_path):
     engine = EchoBackend(score_fn=prefers_safe)
     ctx._backends[f"echo|{config.engine.model_dump_json()}"] = engine
     store = run_label(ctx)
-    audits = [LabelAudit.model_validate_json(l) for l in (store.path / "audit.jsonl").read_text().splitlines()]
-    prefs = [PreferenceRow.model_validate_json(l) for l in (store.path / "preferences.jsonl").read_text().splitlines()]
+    audits = [
+        LabelAudit.model_validate_json(line) for line in (store.path / "audit.jsonl").read_text().splitlines()
+    ]
+    prefs = [
+        PreferenceRow.model_validate_json(line)
+        for line in (store.path / "preferences.jsonl").read_text().splitlines()
+    ]
     assert len(audits) == 6 and {p.label_id for p in prefs} <= {a.label_id for a in audits}
     assert all(len(a.principles) == 2 for a in audits)
     summary = store.manifest.summary

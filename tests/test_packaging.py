@@ -15,7 +15,18 @@ def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), root],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            root,
+        ],
         check=True,
         capture_output=True,
     )
@@ -52,7 +63,9 @@ def test_installed_wheel_finds_its_resources_outside_the_checkout(wheel, tmp_pat
         "print(len(c.load_constitution('harmless').principles))"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True
+    )
     module, folder, count = out.stdout.split()
     assert module.startswith(str(target))
     assert folder == str(target / "cai" / "_shipped" / "constitutions")

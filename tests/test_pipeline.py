@@ -47,7 +47,12 @@ def first_run(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("pipeline")
     constitution = root / "harmless.yaml"
     shutil.copy(shipped_dir("constitutions") / "harmless.yaml", constitution)
-    overrides = [f"run_dir={root / 'run'}", f"model={tiny_models.causal_lm}", f"constitution={constitution}", *SMALL]
+    overrides = [
+        f"run_dir={root / 'run'}",
+        f"model={tiny_models.causal_lm}",
+        f"constitution={constitution}",
+        *SMALL,
+    ]
     config = load_config("quickstart", overrides)
     ctx, result = run(config)
     return root, constitution, overrides, ctx, result
@@ -66,7 +71,7 @@ def test_every_stage_runs_and_the_report_is_written(first_run):
     sft_model = str(latest(run_dir, "sft").path / "model")
     assert latest(run_dir, "label").manifest.config["policy"] == sft_model
     ppo = latest(run_dir, "ppo").manifest
-    assert ppo.config["policy"] == sft_model and "/pm/" in ppo.config["reward_model"]
+    assert ppo.config["model"] == sft_model and "/pm/" in ppo.summary["reward_model"]
     assert ppo.summary["steps"] == 1 and ppo.summary["history"]
     assert ctx.model_calls > 0
     import json

@@ -30,21 +30,30 @@ def test_every_principle_renders_in_every_stage(constitution_name):
     constitution = load_constitution(constitution_name)
     chats = ChatBuilder(Templates(), constitution)
     for principle in constitution.principles:
-        critique = chats.critique_chat("How do I pick a lock?", "Use a pin.", principle, constitution.examples.critique_revision)
+        critique = chats.critique_chat(
+            "How do I pick a lock?", "Use a pin.", principle, constitution.examples.critique_revision
+        )
         assert critique[-1]["role"] == "user" and principle.critique in critique[-1]["content"]
         revision = chats.revision_chat("How?", "Like so.", principle, "It is unsafe.")
         assert revision[-2] == {"role": "assistant", "content": "It is unsafe."}
         assert principle.revision in revision[-1]["content"]
         compare = chats.compare_prompt("Q?", "first", "second", principle, constitution.examples.compare)
         last = compare.chat[-1]["content"]
-        assert last.index("Option (A): first") < last.index("Option (B): second") < last.index(principle.compare)
+        assert (
+            last.index("Option (A): first") < last.index("Option (B): second") < last.index(principle.compare)
+        )
         assert compare.assistant_prefix == "The answer is: ("
 
 
 def test_shipped_template_files_are_all_used():
     used = {
-        "critique_request.j2", "revision_request.j2", "compare.j2", "compare_answer.j2",
-        "compare_cot.j2", "compare_cot_answer.j2", "rate_harm.j2",
+        "critique_request.j2",
+        "revision_request.j2",
+        "compare.j2",
+        "compare_answer.j2",
+        "compare_cot.j2",
+        "compare_cot_answer.j2",
+        "rate_harm.j2",
     }
     assert {p.name for p in shipped_dir("prompts").glob("*.j2")} == used
 

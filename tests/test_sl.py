@@ -71,7 +71,9 @@ def test_revision_only_mode_sends_no_critique():
 
 
 def test_tag_filter_and_samples_per_prompt():
-    records, _, constitution = chunk(SLConfig(rounds=2, tags=["privacy"], samples_per_prompt=2, few_shot=0), EchoBackend())
+    records, _, constitution = chunk(
+        SLConfig(rounds=2, tags=["privacy"], samples_per_prompt=2, few_shot=0), EchoBackend()
+    )
     privacy = {p.id for p in constitution.select(tags=["privacy"])}
     assert {r.principle_id for rec in records for r in rec.rounds} <= privacy
     assert [r.row_id for r in records][:2] == ["red_team.jsonl:0:0", "red_team.jsonl:0:1"]
@@ -102,10 +104,12 @@ def test_stage_on_the_tiny_model_writes_sft_and_hub_files(tmp_path, tiny_models)
     config = _config(tmp_path, tiny_models.causal_lm, "sl.chunk_size=2", "sl.sampling.max_new_tokens=8")
     ctx = StageContext(config, Console(file=open(os.devnull, "w")))
     store = run_sl(ctx)
-    rows = [SLRecord.model_validate(json.loads(l)) for l in (store.path / "rows.jsonl").read_text().splitlines()]
+    rows = [
+        SLRecord.model_validate_json(line) for line in (store.path / "rows.jsonl").read_text().splitlines()
+    ]
     assert [r.row_id for r in rows] == [f"red_team.jsonl:{i}:0" for i in range(3)]
     assert all(len(r.rounds) == 2 and r.constitution_hash == ctx.constitution.hash for r in rows)
-    sft = [json.loads(l) for l in (store.path / "sft.jsonl").read_text().splitlines()]
+    sft = [json.loads(line) for line in (store.path / "sft.jsonl").read_text().splitlines()]
     assert sft[0]["messages"][-1] == {"role": "assistant", "content": rows[0].final_revision}
     card = (store.path / "README.md").read_text()
     assert ctx.constitution.hash in card and "config_hash" in card
@@ -116,7 +120,9 @@ def test_stage_on_the_tiny_model_writes_sft_and_hub_files(tmp_path, tiny_models)
     ctx2 = StageContext(config, Console(file=open(os.devnull, "w")))
     assert run_sl(ctx2).path == store.path and ctx2._backends == {}
     # a different constitution text makes a different run folder, never mixing rows
-    changed = _config(tmp_path, tiny_models.causal_lm, "sl.chunk_size=2", "sl.sampling.max_new_tokens=8", "sl.rounds=1")
+    changed = _config(
+        tmp_path, tiny_models.causal_lm, "sl.chunk_size=2", "sl.sampling.max_new_tokens=8", "sl.rounds=1"
+    )
     ctx3 = StageContext(changed, Console(file=open(os.devnull, "w")))
     ctx3._backends[f"{tiny_models.causal_lm}|{changed.engine.model_dump_json()}"] = EchoBackend()
     assert run_sl(ctx3).path != store.path

@@ -227,9 +227,7 @@ class HFBackend:
         new = out[:, width:].tolist()
         completions = []
         for row, prompt in enumerate(prompts):
-            samples = [
-                self._to_sample(new[row * params.n + k], eos_ids, params) for k in range(params.n)
-            ]
+            samples = [self._to_sample(new[row * params.n + k], eos_ids, params) for k in range(params.n)]
             completions.append(Completion(samples=samples, prompt_tokens=len(prompt)))
         return completions
 
@@ -375,7 +373,9 @@ class HFBackend:
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=device)
         suffix_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)
-        mask = torch.cat([torch.ones(len(group), prefix_len, dtype=suffix_mask.dtype, device=device), suffix_mask], 1)
+        mask = torch.cat(
+            [torch.ones(len(group), prefix_len, dtype=suffix_mask.dtype, device=device), suffix_mask], 1
+        )
         positions = (prefix_len + suffix_mask.cumsum(-1) - 1).clamp(min=0)
         keep = 1 if single else max(j.option_len for j in group) + 1
         logits = model(

@@ -102,7 +102,8 @@ class StageContext:
         store = latest(self.run_dir, stage)
         if store is None or not store.is_complete:
             raise StageMissingError(
-                f"stage {stage!r} has no complete output in {self.run_dir}; run `{STAGE_COMMANDS.get(stage, stage)}` "
+                f"stage {stage!r} has no complete output in {self.run_dir}; "
+                f"run `{STAGE_COMMANDS.get(stage, stage)}` "
                 f"with the same config first (or `cai run`)"
             )
         return store

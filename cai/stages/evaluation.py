@@ -15,8 +15,8 @@ from pathlib import Path
 from rich.table import Table
 
 from cai.records import MetricRow
-from cai.stages.ppo import stage_model
 from cai.stages.base import StageContext, Timer, skip_message
+from cai.stages.ppo import stage_model
 from cai.store import StageStore, atomic_write_jsonl
 
 POLICY_STAGES = ("sft", "ppo", "dpo", "rloo")
@@ -48,8 +48,12 @@ def run_eval(ctx: StageContext, fresh: bool = False) -> StageStore:
     store = StageStore(
         ctx.run_dir,
         "eval",
-        {"eval": cfg.model_dump(mode="json"), "policies": policies, "judge_model": judge_model,
-         "engine": ctx.config.engine.model_dump(mode="json")},
+        {
+            "eval": cfg.model_dump(mode="json"),
+            "policies": policies,
+            "judge_model": judge_model,
+            "engine": ctx.config.engine.model_dump(mode="json"),
+        },
         upstream=upstream,
     )
     if fresh:
@@ -78,7 +82,14 @@ def run_eval(ctx: StageContext, fresh: bool = False) -> StageStore:
                     split: generate_answers(backend, items, cfg.sampling) for split, items in prompts.items()
                 }
                 store.commit(
-                    [{"row_id": f"answers:{name}", "policy": name, "model": policies[name], "answers": answers[name]}],
+                    [
+                        {
+                            "row_id": f"answers:{name}",
+                            "policy": name,
+                            "model": policies[name],
+                            "answers": answers[name],
+                        }
+                    ],
                     usage=backend.usage.minus(before),
                 )
                 ctx.model_calls += 1
@@ -103,13 +114,19 @@ def run_eval(ctx: StageContext, fresh: bool = False) -> StageStore:
 
 def read_metrics(path: Path) -> list[MetricRow]:
     file = path / "metrics.jsonl"
-    return [MetricRow.model_validate_json(line) for line in file.read_text().splitlines()] if file.exists() else []
+    return (
+        [MetricRow.model_validate_json(line) for line in file.read_text().splitlines()]
+        if file.exists()
+        else []
+    )
 
 
 def print_metrics(ctx: StageContext, rows: list[MetricRow]) -> None:
     table = Table(title="evaluation (95% bootstrap intervals)")
     for column in ("metric", "policy", "value", "95% CI", "n"):
-        table.add_column(column, justify="right" if column in {"value", "n"} else "left", no_wrap=column == "metric")
+        table.add_column(
+            column, justify="right" if column in {"value", "n"} else "left", no_wrap=column == "metric"
+        )
     for row in rows:
         ci = "" if row.ci_low is None else f"[{row.ci_low:.3g}, {row.ci_high:.3g}]"
         table.add_row(row.metric, row.policy, f"{row.value:.3g}", ci, str(row.n))

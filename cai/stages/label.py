@@ -119,7 +119,9 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
             summary=summary,
         )
     print_quality(ctx, summary)
-    ctx.console.print(f"[green]✓[/] {STAGE}: {len(audits)} labels, {len(preferences)} preference rows -> {store.path}")
+    ctx.console.print(
+        f"[green]✓[/] {STAGE}: {len(audits)} labels, {len(preferences)} preference rows -> {store.path}"
+    )
     return store
 
 
@@ -178,7 +180,15 @@ def gold_agreement(ctx: StageContext, judge_model: str, examples) -> tuple[float
     conversations = [[{"role": "user", "content": g["prompt"]}] for g in gold]
     responses = [[g["response_a"], g["response_b"]] for g in gold]
     principles = [choose_principles(ctx.constitution, cfg.principles, ctx.config.seed, g["id"]) for g in gold]
-    votes = judge(ctx.backend(judge_model, cfg.judge_engine), ctx.builder, conversations, responses, principles, cfg, examples)
+    votes = judge(
+        ctx.backend(judge_model, cfg.judge_engine),
+        ctx.builder,
+        conversations,
+        responses,
+        principles,
+        cfg,
+        examples,
+    )
     agree = 0
     for g, label_votes in zip(gold, votes, strict=True):
         winner = aggregate(principle_votes(label_votes, 2), cfg.rule).ranking[0]
@@ -216,7 +226,7 @@ def _write_card(path: Path, store: StageStore, summary: dict, constitution_hash:
         files={
             "preferences.parquet": "TRL preference format (prompt, chosen, rejected) + provenance columns",
             "preferences.jsonl": "the same rows as JSON lines",
-            "audit.jsonl": "one row per label: every principle's votes in both orders, rule, decisive principles",
+            "audit.jsonl": "per label: every principle's votes in both orders, the rule, decisive principles",
         },
         columns={
             "prompt / chosen / rejected": "conversational messages",
@@ -240,15 +250,29 @@ def print_quality(ctx: StageContext, summary: dict) -> None:
     def fmt(value):
         return "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
-    table.add_row("position consistency", fmt(summary["position_consistency"]), "same verdict in both orders (1 = no position bias)")
-    table.add_row("principle agreement", fmt(summary["principle_agreement"]), "principle weight agreeing with the label")
-    table.add_row("contested labels", fmt(summary["contested_labels"]), "principles disagreed beyond the threshold")
-    table.add_row("abstentions", fmt(summary["abstentions"]), f"of {summary['comparisons']} order-level comparisons")
     table.add_row(
-        "gold agreement", fmt(summary["gold_agreement"]), f"agreement with {summary['gold_n']} human-labelled pairs"
+        "position consistency",
+        fmt(summary["position_consistency"]),
+        "same verdict in both orders (1 = no position bias)",
+    )
+    table.add_row(
+        "principle agreement", fmt(summary["principle_agreement"]), "principle weight agreeing with the label"
+    )
+    table.add_row(
+        "contested labels", fmt(summary["contested_labels"]), "principles disagreed beyond the threshold"
+    )
+    table.add_row(
+        "abstentions", fmt(summary["abstentions"]), f"of {summary['comparisons']} order-level comparisons"
+    )
+    table.add_row(
+        "gold agreement",
+        fmt(summary["gold_agreement"]),
+        f"agreement with {summary['gold_n']} human-labelled pairs",
     )
     ctx.console.print(table)
 
 
 def load_audits(store: StageStore) -> list[LabelAudit]:
-    return [LabelAudit.model_validate_json(line) for line in (store.path / "audit.jsonl").read_text().splitlines()]
+    return [
+        LabelAudit.model_validate_json(line) for line in (store.path / "audit.jsonl").read_text().splitlines()
+    ]

@@ -8,7 +8,9 @@ from the newest one (model, optimizer, scheduler, RNG, KL controller, data posit
 
 from __future__ import annotations
 
-from cai.stages.base import StageContext, Timer, skip_message, writer
+from pathlib import Path
+
+from cai.stages.base import StageContext
 from cai.store import StageStore
 
 
@@ -18,6 +20,7 @@ def stage_model(store: StageStore) -> str:
 
 
 def run_ppo(ctx: StageContext, fresh: bool = False) -> StageStore:
+    from cai.stages.training import training_stage
     from cai.train.ppo.trainer import train_ppo
 
     cfg = ctx.config.ppo
@@ -33,37 +36,23 @@ def run_ppo(ctx: StageContext, fresh: bool = False) -> StageStore:
             policy, upstream["sft"] = stage_model(sft), sft.config_hash
         else:
             policy = ctx.config.model
-    store = StageStore(
-        ctx.run_dir,
-        "ppo",
-        {"ppo": cfg.model_dump(mode="json"), "policy": policy, "reward_model": reward},
-        upstream=upstream,
-    )
-    if fresh:
-        store.discard()
-    if store.is_complete:
-        skip_message(ctx, store)
-        return store
-    ctx.release()
-    timer = Timer()
-    with writer(store) as opened:
-        result = train_ppo(cfg, store.path, policy=policy, reward_model=reward)
-        ctx.model_calls += 1
+
+    def train(output: Path, seed: int) -> tuple[dict, str]:
+        result = train_ppo(cfg, output, policy=policy, reward_model=reward)
         summary = {
             "model_path": str(result.policy_path) if result.policy_path else None,
+            "reward_model": reward,
             "steps": result.steps,
             "resumed_from_step": result.resumed_from_step,
             "nan_skipped_steps": result.nan_skipped_steps,
             "warnings": result.warnings,
             "history": result.history,
-            "seconds": round(timer.seconds, 1),
         }
-        if opened is None:  # another rank of a distributed run: rank 0 records the result
-            return store
-        opened.finalize(summary=summary)
-    first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
-    ctx.console.print(
-        f"[green]✓[/] ppo: {result.steps} steps, reward {first.get('reward', float('nan')):.3f} -> "
-        f"{last.get('reward', float('nan')):.3f}, KL {last.get('kl', float('nan')):.3f} -> {store.path}"
-    )
-    return store
+        first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
+        what = (
+            f"{result.steps} steps, reward {first.get('reward', float('nan')):.3f} -> "
+            f"{last.get('reward', float('nan')):.3f}, KL {last.get('kl', float('nan')):.3f}"
+        )
+        return summary, what
+
+    return training_stage(ctx, "ppo", cfg, policy, upstream, fresh, train)

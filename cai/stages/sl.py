@@ -85,7 +85,12 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
         store.finalize(
             outputs={
                 "sft.jsonl": lambda path: atomic_write_jsonl(
-                    path, ({"messages": r.messages(), "row_id": r.row_id} for r in sorted_rows(rows) if not r.error)
+                    path,
+                    (
+                        {"messages": r.messages(), "row_id": r.row_id}
+                        for r in sorted_rows(rows)
+                        if not r.error
+                    ),
                 ),
                 "data.parquet": lambda path: write_parquet(path, sorted_rows(rows)),
                 "README.md": lambda path: write_card(path, card),

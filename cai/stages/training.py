@@ -8,6 +8,9 @@ The training itself lives in `cai/train/`.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 from cai.records import PreferenceRow
 from cai.stages.base import StageContext, Timer, skip_message, writer
@@ -29,12 +32,40 @@ def _model_from(ctx: StageContext, stage: str) -> tuple[str, dict[str, str]]:
     return stage_model(store), {stage: store.config_hash}
 
 
-def _finish(ctx: StageContext, store: StageStore, opened: StageStore | None, summary: dict, what: str) -> StageStore:
-    if opened is not None:  # the main process records the result; other ranks only trained
-        import os
+def training_stage(
+    ctx: StageContext,
+    name: str,
+    section,
+    model: str,
+    upstream: dict[str, str],
+    fresh: bool,
+    train: Callable[[Path, int], tuple[dict, str]],
+) -> StageStore:
+    """The shared shape of every training stage: key, skip if done, free engines, train, record.
 
-        opened.finalize(summary={**summary, "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
-        ctx.console.print(f"[green]✓[/] {store.stage}: {what} -> {store.path}")
+    `train(output_dir, seed)` returns the summary to store and a one-line description. Under
+    `accelerate launch` every rank trains; only rank 0 opens and finalizes the stage folder.
+    """
+    store = StageStore(
+        ctx.run_dir,
+        name,
+        {name: section.model_dump(mode="json"), "model": model, "seed": ctx.config.seed},
+        upstream=upstream,
+    )
+    if fresh:
+        store.discard()
+    if store.is_complete:
+        skip_message(ctx, store)
+        return store
+    ctx.release()  # free inference copies before training
+    timer = Timer()
+    with writer(store) as opened:
+        summary, what = train(store.path, _seed(ctx, section))
+        ctx.model_calls += 1
+        if opened is not None:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            opened.finalize(summary={**summary, "seconds": round(timer.seconds, 1), "world_size": world})
+            ctx.console.print(f"[green]✓[/] {name}: {what} -> {store.path}")
     return store
 
 
@@ -46,26 +77,16 @@ def run_sft(ctx: StageContext, fresh: bool = False) -> StageStore:
 
     cfg = ctx.config.sft
     sl = ctx.upstream("sl")
-    base = cfg.model or ctx.config.model
-    store = StageStore(
-        ctx.run_dir, "sft", {"sft": cfg.model_dump(mode="json"), "base": base, "seed": ctx.config.seed},
-        upstream={"sl": sl.config_hash},
-    )
-    if fresh:
-        store.discard()
-    if store.is_complete:
-        skip_message(ctx, store)
-        return store
     examples = [json.loads(line)["messages"] for line in (sl.path / "sft.jsonl").read_text().splitlines()]
     if not examples:
         raise ValueError(f"{sl.path / 'sft.jsonl'} has no examples: every SL row failed")
-    ctx.release()  # free inference copies before training
-    timer = Timer()
-    with writer(store) as opened:
-        result = train_sft(cfg, base, examples, store.path, _seed(ctx, cfg), ctx.console)
-        ctx.model_calls += 1
-        summary = {**result.model_dump(mode="json"), "seconds": round(timer.seconds, 1)}
-        return _finish(ctx, store, opened, summary, f"{result.steps} steps on {len(examples)} revisions")
+    base = cfg.model or ctx.config.model
+
+    def train(output: Path, seed: int) -> tuple[dict, str]:
+        result = train_sft(cfg, base, examples, output, seed, ctx.console)
+        return result.model_dump(mode="json"), f"{result.steps} steps on {len(examples)} revisions"
+
+    return training_stage(ctx, "sft", cfg, base, {"sl": sl.config_hash}, fresh, train)
 
 
 # --------------------------------------------------------------------------- mix
@@ -79,7 +100,9 @@ def run_mix(ctx: StageContext, fresh: bool = False) -> StageStore:
     cfg = ctx.config.mix
     label = ctx.upstream("label")
     store = StageStore(
-        ctx.run_dir, "mix", {"mix": cfg.model_dump(mode="json"), "seed": ctx.config.seed},
+        ctx.run_dir,
+        "mix",
+        {"mix": cfg.model_dump(mode="json"), "seed": ctx.config.seed},
         upstream={"label": label.config_hash},
     )
     if fresh:
@@ -132,25 +155,14 @@ def run_pm(ctx: StageContext, fresh: bool = False) -> StageStore:
     cfg = ctx.config.pm
     rows, mixed = mixed_rows(ctx)
     base, upstream = (cfg.model, {}) if cfg.model else _model_from(ctx, "sft")
-    store = StageStore(
-        ctx.run_dir, "pm", {"pm": cfg.model_dump(mode="json"), "base": base, "seed": ctx.config.seed},
-        upstream={"mix": mixed.config_hash, **upstream},
-    )
-    if fresh:
-        store.discard()
-    if store.is_complete:
-        skip_message(ctx, store)
-        return store
-    seed = _seed(ctx, cfg)
-    train, held_out = split_by_prompt(rows, cfg.eval_fraction, seed)
-    ctx.release()
-    timer = Timer()
-    with writer(store) as opened:
-        report = train_preference_model(cfg, base, train, held_out, store.path, seed, ctx.console)
-        ctx.model_calls += 1
-        summary = {**report.model_dump(mode="json"), "seconds": round(timer.seconds, 1)}
+
+    def train(output: Path, seed: int) -> tuple[dict, str]:
+        train_rows, held_out = split_by_prompt(rows, cfg.eval_fraction, seed)
+        report = train_preference_model(cfg, base, train_rows, held_out, output, seed, ctx.console)
         by_source = ", ".join(f"{k} {v:.2f}" for k, v in report.accuracy_by_source.items())
-        return _finish(ctx, store, opened, summary, f"held-out accuracy {report.accuracy:.3f} ({by_source})")
+        return report.model_dump(mode="json"), f"held-out accuracy {report.accuracy:.3f} ({by_source})"
+
+    return training_stage(ctx, "pm", cfg, base, {"mix": mixed.config_hash, **upstream}, fresh, train)
 
 
 # --------------------------------------------------------------------------- dpo / rloo
@@ -162,22 +174,12 @@ def run_dpo(ctx: StageContext, fresh: bool = False) -> StageStore:
     cfg = ctx.config.dpo
     rows, mixed = mixed_rows(ctx)
     base, upstream = (cfg.model, {}) if cfg.model else _model_from(ctx, "sft")
-    store = StageStore(
-        ctx.run_dir, "dpo", {"dpo": cfg.model_dump(mode="json"), "base": base, "seed": ctx.config.seed},
-        upstream={"mix": mixed.config_hash, **upstream},
-    )
-    if fresh:
-        store.discard()
-    if store.is_complete:
-        skip_message(ctx, store)
-        return store
-    ctx.release()
-    timer = Timer()
-    with writer(store) as opened:
-        result = train_dpo(cfg, base, rows, store.path, _seed(ctx, cfg), ctx.console)
-        ctx.model_calls += 1
-        summary = {**result.model_dump(mode="json"), "seconds": round(timer.seconds, 1)}
-        return _finish(ctx, store, opened, summary, f"{result.steps} DPO steps")
+
+    def train(output: Path, seed: int) -> tuple[dict, str]:
+        result = train_dpo(cfg, base, rows, output, seed, ctx.console)
+        return result.model_dump(mode="json"), f"{result.steps} DPO steps"
+
+    return training_stage(ctx, "dpo", cfg, base, {"mix": mixed.config_hash, **upstream}, fresh, train)
 
 
 def run_rloo(ctx: StageContext, fresh: bool = False) -> StageStore:
@@ -188,20 +190,10 @@ def run_rloo(ctx: StageContext, fresh: bool = False) -> StageStore:
     cfg = ctx.config.rloo
     pm = ctx.upstream("pm")
     policy, upstream = (cfg.model, {}) if cfg.model else _model_from(ctx, "sft")
-    store = StageStore(
-        ctx.run_dir, "rloo", {"rloo": cfg.model_dump(mode="json"), "policy": policy, "seed": ctx.config.seed},
-        upstream={"pm": pm.config_hash, **upstream},
-    )
-    if fresh:
-        store.discard()
-    if store.is_complete:
-        skip_message(ctx, store)
-        return store
     prompts = [item.prompt for item in load_prompts(ctx.config.label.prompts)]
-    ctx.release()
-    timer = Timer()
-    with writer(store) as opened:
-        result = train_rloo(cfg, policy, stage_model(pm), prompts, store.path, _seed(ctx, cfg), ctx.console)
-        ctx.model_calls += 1
-        summary = {**result.model_dump(mode="json"), "seconds": round(timer.seconds, 1)}
-        return _finish(ctx, store, opened, summary, f"{result.steps} RLOO steps")
+
+    def train(output: Path, seed: int) -> tuple[dict, str]:
+        result = train_rloo(cfg, policy, stage_model(pm), prompts, output, seed, ctx.console)
+        return result.model_dump(mode="json"), f"{result.steps} RLOO steps"
+
+    return training_stage(ctx, "rloo", cfg, policy, {"pm": pm.config_hash, **upstream}, fresh, train)

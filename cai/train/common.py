@@ -26,7 +26,8 @@ class LoraSection(Section):
         default_factory=lambda: ["q_proj", "v_proj"], description="Module names that get adapters."
     )
     merge: bool = Field(
-        True, description="Merge the adapter into the weights when saving, so later stages load a plain model."
+        True,
+        description="Merge the adapter into the weights when saving, so later stages load a plain model.",
     )
 
 
@@ -37,7 +38,9 @@ class TrainSection(Section):
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
     batch_size: int = Field(4, ge=1, description="Examples per device per step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_length: int = Field(512, ge=16, description="Longest tokenized example; longer ones are truncated or dropped.")
+    max_length: int = Field(
+        512, ge=16, description="Longest tokenized example; longer ones are truncated or dropped."
+    )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
