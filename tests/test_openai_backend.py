@@ -98,7 +98,7 @@ class Handler(BaseHTTPRequestHandler):
             choice = {
                 "index": k,
                 "finish_reason": "stop" if body.get("stop") else "length",
-                "message": {"role": "assistant", "content": f" echo {last_user} #{k} seed={body.get('seed')} "},
+                "message": {"role": "assistant", "content": f" echo {last_user} #{k} {body.get('seed')} "},
             }
             if body.get("logprobs"):
                 top = self.server.top[: body.get("top_logprobs", 0)]

@@ -8,10 +8,11 @@ from the call's seed and the item's index, so an item's samples do not depend on
 in the batch. Items vLLM would reject (an over-long prompt) fail alone before anything is sent.
 
 Scoring: single-token options are read in one step with `logprob_token_ids` (exact log-probs of
-just those tokens), and prompts sharing a prefix hit vLLM's prefix cache. For that to pay off
-within one call, the first prompt of each prefix-sharing group runs alone first (it fills the
-cache); the rest follow as one batch. Multi-token options need prompt log-probs of
-prompt + option, which turn prefix-cache reads off, so they cost a full prefill each.
+just those tokens). Prompts sharing a prefix (an ensemble of principles about one pair) read it
+from vLLM's prefix cache, even within one batch: vLLM registers a block as cached when it is
+scheduled, so later requests of the same step reuse it (checked with `num_cached_tokens`). Only
+whole blocks are shared, hence the small CPU block size. Multi-token options need prompt
+log-probs of prompt + option, which turn prefix-cache reads off: a full prefill each.
 
 On a machine without CUDA the CPU build needs a few environment variables; they are set here
 unless the user set them already (see `cpu_environment`).
@@ -36,8 +37,9 @@ CPU_BLOCK_SIZE = 32  # the smallest the CPU build allows; short shared prefixes 
 
 
 def _cpu_cores() -> str:
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    return ",".join(map(str, cores))
+    if hasattr(os, "sched_getaffinity"):
+        return ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    return f"0-{(os.cpu_count() or 1) - 1}"
 
 
 def _single_numa_node() -> bool:
@@ -105,7 +107,7 @@ class VLLMBackend:
         kwargs: dict[str, Any] = dict(
             model=path,
             tokenizer=path,
-            dtype="bfloat16" if c.dtype == "auto" else c.dtype,
+            dtype=self._dtype(),
             enable_prefix_caching=c.enable_prefix_caching,
             enforce_eager=c.enforce_eager,
             seed=c.seed,
@@ -121,6 +123,18 @@ class VLLMBackend:
             kwargs["gpu_memory_utilization"] = c.gpu_memory_utilization
         kwargs.update(c.extra)
         return kwargs
+
+    def _dtype(self) -> str:
+        """`auto`: bf16 where the hardware computes in it, else fp16 (old GPUs) or fp32 (CPUs)."""
+        if self.config.dtype != "auto":
+            return self.config.dtype
+        import torch
+
+        from cai.backends.hf import cpu_has_fast_bf16
+
+        if self.on_cuda:
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if cpu_has_fast_bf16() else "float32"
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
@@ -261,16 +275,16 @@ class VLLMBackend:
         from vllm import SamplingParams as VSamplingParams
 
         request = VSamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=sorted(set(tokens)))
+        order = list(encoded)
+        outputs = self._run([encoded[i] for i in order], [request] * len(order))
         scored: dict[int, Any] = {}
-        for batch in self._cache_friendly_order(encoded):
-            outputs = self._run([encoded[i] for i in batch], [request] * len(batch))
-            for index, output in zip(batch, outputs, strict=True):
-                if isinstance(output, str):
-                    scored[index] = output
-                    continue
-                step = output.outputs[0].logprobs[0]  # token id -> Logprob
-                values = [step[t].logprob if t in step else -math.inf for t in tokens]
-                scored[index] = (values, int(output.num_cached_tokens or 0))
+        for index, output in zip(order, outputs, strict=True):
+            if isinstance(output, str):
+                scored[index] = output
+                continue
+            step = output.outputs[0].logprobs[0]  # token id -> Logprob
+            values = [step[t].logprob if t in step else -math.inf for t in tokens]
+            scored[index] = (values, int(output.num_cached_tokens or 0))
         return scored
 
     def _score_multi(self, encoded: dict[int, list[int]], option_ids: list[list[int]]) -> dict[int, Any]:
@@ -292,32 +306,3 @@ class VLLMBackend:
             values, _ = scored.setdefault(index, ([0.0] * len(option_ids), 0))
             values[k] = float(sum(row[t].logprob for row, t in zip(rows, option, strict=True)))
         return scored
-
-    def _cache_friendly_order(self, encoded: dict[int, list[int]]) -> list[list[int]]:
-        """Batches that let prompts sharing a prefix read it from the cache.
-
-        Requests that arrive in the same engine step all compute their own copy of a shared
-        prefix (the cache is filled as steps finish), so one prompt per prefix-sharing group runs
-        first, alone, and the rest follow together. Without prefix caching: one batch.
-        """
-        order = sorted(encoded, key=lambda i: encoded[i])
-        if not self.config.enable_prefix_caching or len(order) < 2:
-            return [order] if order else []
-        block = self.config.block_size or CPU_BLOCK_SIZE
-        primers, rest = [], []
-        for position, index in enumerate(order):
-            previous = encoded[order[position - 1]] if position else []
-            if _shared(previous, encoded[index]) >= block:
-                rest.append(index)
-            else:
-                primers.append(index)
-        # a primer only helps if it is followed by something sharing its prefix
-        return [primers, rest] if rest else [primers]
-
-
-def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
