@@ -22,7 +22,8 @@ class KLSection(Section):
     """The KL penalty to the reference (SFT) model: what keeps reward hacking in check."""
 
     kind: Literal["fixed", "adaptive"] = Field(
-        "fixed", description="fixed = constant coefficient; adaptive = steer the KL towards `target` (Ziegler et al.)."
+        "fixed",
+        description="fixed = constant coefficient; adaptive = steer the KL to `target` (Ziegler et al.).",
     )
     init_coef: float = Field(0.05, ge=0, description="KL coefficient (the initial one when adaptive).")
     target: float = Field(
@@ -32,13 +33,16 @@ class KLSection(Section):
         10000, gt=0, description="Adaptive only: samples over which a 20% KL error is corrected."
     )
     estimator: Literal["k1", "k2", "k3"] = Field(
-        "k1", description="Per-token KL estimator: k1 = log(pi/ref) (unbiased), k3 = unbiased and >= 0, k2 = 0.5*log^2."
+        "k1",
+        description="Per-token KL estimate: k1 = log(pi/ref) (unbiased), k3 (unbiased, >=0), k2 = 0.5 log^2.",
     )
 
     @model_validator(mode="after")
     def _adaptive_needs_positive_coef(self) -> KLSection:
         if self.kind == "adaptive" and self.init_coef <= 0:
-            raise ValueError("an adaptive KL controller needs init_coef > 0 (a multiplicative update never leaves 0)")
+            raise ValueError(
+                "an adaptive KL controller needs init_coef > 0 (a multiplicative update never leaves 0)"
+            )
         return self
 
 
@@ -62,32 +66,42 @@ class PPOConfig(Section):
     reward_model: str | None = Field(None, description="Preference model; None = the run's PM.")
     prompts: list[str] = Field(
         default_factory=lambda: ["red_team", "helpful"],
-        description="Prompt sources: shipped data names or .jsonl paths whose rows have `prompt` (text or chat).",
+        description="Prompt sources: shipped data names or .jsonl paths (rows with a `prompt`, text or chat)",
     )
-    max_prompt_tokens: int = Field(256, ge=8, description="Prompts longer than this (chat-templated) are dropped.")
+    max_prompt_tokens: int = Field(
+        256, ge=8, description="Prompts longer than this (chat-templated) are dropped."
+    )
     lora: LoraSection | None = Field(
         default_factory=LoraSection,
-        description="LoRA adapters (reference = adapter disabled, one copy of the base); null = full fine-tune.",
+        description="LoRA (reference = adapter disabled: one copy of the base); null = full fine-tune.",
     )
     steps: int = Field(8, ge=1, description="PPO steps (one rollout batch + its PPO epochs each).")
     rollout_batch_size: int = Field(4, ge=1, description="Prompts per step per process.")
-    mini_batch_size: int = Field(4, ge=1, description="Rollouts per optimizer step; divides the rollouts of a step.")
+    mini_batch_size: int = Field(
+        4, ge=1, description="Rollouts per optimizer step; divides the rollouts of a step."
+    )
     ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
-    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (linear warmup, then constant).")
+    learning_rate: float = Field(
+        1e-5, gt=0, description="AdamW learning rate (linear warmup, then constant)."
+    )
     warmup_steps: int = Field(0, ge=0, description="PPO steps of linear learning-rate warmup.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount (1 = none, usual for text).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     clip_range: float = Field(0.2, gt=0, description="Policy ratio clip (epsilon).")
     clip_range_value: float = Field(0.2, gt=0, description="Value clip around the rollout-time values.")
-    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (the critic shares the policy's trunk).")
+    vf_coef: float = Field(
+        0.1, ge=0, description="Weight of the value loss (the critic shares the policy's trunk)."
+    )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight (0 = only logged).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     whiten_rewards: bool = Field(False, description="Scale per-token rewards to unit variance per batch.")
     normalize_rewards: bool = Field(
         True, description="Standardise scores with running mean/std over all steps (RunningMoments)."
     )
-    reward_clip: float | None = Field(5.0, gt=0, description="Clamp (normalised) scores to +-this; null = off.")
+    reward_clip: float | None = Field(
+        5.0, gt=0, description="Clamp (normalised) scores to +-this; null = off."
+    )
     missing_eos_penalty: float | None = Field(
         None, description="Subtract this from the score of responses cut at max_new_tokens (null = off)."
     )
@@ -95,12 +109,14 @@ class PPOConfig(Section):
     ptx: PTXSection | None = Field(None, description="Pretraining-mix term; null = off.")
     sampling: SamplingParams = Field(
         default_factory=lambda: SamplingParams(max_new_tokens=48, temperature=1.0, top_p=1.0, seed=0),
-        description="Rollout sampling; temperature is applied to the log-probs too. seed is ignored (see `seed`).",
+        description="Rollout sampling; temperature also scales the log-probs. Its seed is unused (`seed`).",
     )
     rollout_engine: Literal["hf", "vllm"] = Field(
         "hf", description="hf = generate with the live policy; vllm = sync weights into vLLM each step (GPU)."
     )
-    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vllm rollouts: share of GPU memory.")
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vllm rollouts: share of GPU memory."
+    )
     save_every: int = Field(1, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     nan_policy: Literal["skip", "halt"] = Field(
@@ -113,7 +129,9 @@ class PPOConfig(Section):
         default_factory=list, description="Experiment trackers besides the rich console."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto/bf16 = bf16 autocast for rollouts and training; fp32 = full precision."
+        "auto",
+        description="auto = bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; "
+        "bf16 = always autocast; fp32 = full precision.",
     )
     seed: int = Field(0, description="Seeds data order, rollouts and mini-batch order (reproducible resume).")
 
@@ -128,7 +146,9 @@ class PPOConfig(Section):
         if self.sampling.stop:
             # Stop strings trim the text but not Sample.token_ids, so the tokens trained on would not
             # be the text that was rewarded.
-            raise ValueError("sampling.stop is not supported for PPO rollouts; the model's EOS ends a response")
+            raise ValueError(
+                "sampling.stop is not supported for PPO rollouts; the model's EOS ends a response"
+            )
         if self.sampling.repetition_penalty != 1.0:
             raise ValueError("sampling.repetition_penalty must be 1 for PPO: it makes rollouts off-policy")
         if self.sampling.temperature == 0:

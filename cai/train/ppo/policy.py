@@ -77,11 +77,6 @@ class PolicyWithValue(nn.Module):
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, T)
         return out.logits, values
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only what training changes (adapter + value head with LoRA): what a checkpoint needs."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in trainable}
-
 
 class Reference:
     """Log-probs of the reference (SFT) model, never differentiated.
@@ -127,7 +122,8 @@ def load_policy(
 
     Everything runs in eval mode for the whole of training: dropout would make the ratio of the
     first PPO epoch differ from 1 for no reason, so PPO runs without it (as TRL's PPO did).
-    Weights stay float32; speed comes from bf16 autocast (cai.train.common.use_bf16).
+    Weights stay float32; speed comes from bf16 autocast where the hardware has it
+    (`trainer.autocast_bf16`), and the log-prob arithmetic stays float32 either way.
     """
     from transformers import AutoModelForCausalLM
 
@@ -215,6 +211,8 @@ class RolloutEngine(Protocol):
 
     def encode_chat(self, chat: Chat) -> list[int]: ...
 
+    def close(self) -> None: ...
+
 
 class HFRollout:
     """Rollouts through cai's hf backend on the live policy LM (no copy, nothing to sync)."""
@@ -232,6 +230,9 @@ class HFRollout:
     def encode_chat(self, chat: Chat) -> list[int]:
         return self.backend.encode_chat(chat)
 
+    def close(self) -> None:
+        """Nothing to free: the model belongs to the trainer."""
+
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.backend.generate(chats, params)
@@ -240,16 +241,22 @@ class HFRollout:
 class VLLMRollout:
     """Rollouts through vLLM's offline engine, with the policy's weights pushed in before each.
 
-    Weight sync uses vLLM's documented RLHF hook: `LLM(worker_extension_cls=...)` mixes
-    `_VLLMWeightLoader` into every worker, and `LLM.collective_rpc("cai_load_weights", args=...)`
-    calls it there (docs: "Reinforcement learning from human feedback" / examples
-    offline_inference/rlhf*.py; `collective_rpc` is a public LLM method since vLLM 0.8). The
-    worker then calls the model's own `load_weights`, which maps HF names onto vLLM's fused
-    layers (q/k/v -> qkv_proj, gate/up -> gate_up_proj). Weights are sent under plain HF names
-    with LoRA merged (`merged_state_dict`), so vLLM never needs to know about peft. Sending
-    tensors by RPC copies them (fine on CPU and for small models; large GPU runs would use the
-    NCCL / CUDA-IPC variants of the same extension). The prefix cache is reset after a sync, since
-    cached KV blocks were computed by the old weights.
+    Weight sync uses vLLM's documented RLHF extension point: `LLM(worker_extension_cls=...)`
+    mixes `_VLLMWeightLoader` into every worker, and `LLM.collective_rpc("cai_receive_weights", ...)`
+    runs it there (vLLM docs, "Reinforcement learning from human feedback"; examples
+    offline_inference/rlhf*.py; checked against vLLM 0.32). The worker hands the tensors to the
+    model's own `load_weights`, which maps HF names onto vLLM's fused layers (q/k/v -> qkv_proj,
+    gate/up -> gate_up_proj). Weights go under plain HF names with LoRA merged
+    (`merged_state_dict`), so vLLM never needs to know about peft.
+
+    collective_rpc's msgpack channel does not rebuild tensors nested in untyped arguments (they
+    arrive as [dtype, shape, buffer-index] lists; vLLM recommends it for control messages), so
+    each chunk travels as one safetensors byte string, which msgpack carries natively. That
+    copies the weights once per sync: right for CPU and small models. Large GPU runs should use
+    vLLM's weight-transfer engines instead (`weight_transfer_config` with the nccl or ipc
+    backend, then `LLM.init_weight_transfer_engine` / `update_weights`), which move tensors
+    device to device. The prefix cache is reset after a sync: its KV blocks came from the old
+    weights.
     """
 
     def __init__(
@@ -284,9 +291,19 @@ class VLLMRollout:
         text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def close(self) -> None:
+        """Stop vLLM's engine process now (LLM has no public shutdown; without this it lingers
+        until interpreter exit, holding its KV cache)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
     def sync(self, policy: PolicyWithValue, chunk_bytes: int = 256 << 20) -> None:
+        from safetensors.torch import save
+
         for chunk in _chunks(merged_state_dict(policy), chunk_bytes):
-            self.llm.collective_rpc("cai_load_weights", args=(chunk,))
+            self.llm.collective_rpc("cai_receive_weights", args=(save(chunk),))
+        self.llm.collective_rpc("cai_commit_weights")
         self.llm.reset_prefix_cache()
 
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
@@ -301,7 +318,9 @@ class VLLMRollout:
             max_tokens=params.max_new_tokens,
             seed=params.seed,
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], vparams, use_tqdm=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], vparams, use_tqdm=False
+        )
         eos = self.tokenizer.eos_token_id
         completions = []
         for prompt, out in zip(prompts, outputs, strict=True):
@@ -318,24 +337,50 @@ class VLLMRollout:
 
 
 class _VLLMWeightLoader:
-    """Mixed into vLLM's worker class (worker_extension_cls); runs inside the worker process."""
+    """Mixed into vLLM's worker class (worker_extension_cls); runs inside the worker process.
 
-    def cai_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
-        model = self.model_runner.model  # type: ignore[attr-defined]
-        device = next(model.parameters()).device
-        model.load_weights(weights=[(name, tensor.to(device)) for name, tensor in weights])
+    Chunks are collected first and loaded in one go through the worker's `reload_weights`
+    (vLLM's in-place reload: it re-runs the post-load processing, e.g. the CPU backend's weight
+    repacking, which a bare `model.load_weights` on a loaded model trips over). Workers of older
+    vLLM versions without it fall back to `model.load_weights`.
+    """
+
+    def cai_receive_weights(self, payload: bytes) -> int:
+        from safetensors.torch import load
+
+        pending = self.__dict__.setdefault("_cai_pending", [])
+        pending.append(load(payload))
+        return len(pending[-1])
+
+    def cai_commit_weights(self) -> int:
+        pending = self.__dict__.pop("_cai_pending", [])
+        weights = [(name, tensor) for chunk in pending for name, tensor in chunk.items()]
+        if hasattr(self, "reload_weights"):
+            self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        else:
+            model = self.model_runner.model  # type: ignore[attr-defined]
+            device = next(model.parameters()).device
+            model.load_weights(weights=((name, tensor.to(device)) for name, tensor in weights))
         return len(weights)
 
 
-def _chunks(state: dict[str, torch.Tensor], limit: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group tensors into RPC-sized lists (one huge message would double peak memory)."""
-    chunk: list[tuple[str, torch.Tensor]] = []
+def _chunks(state: dict[str, torch.Tensor], limit: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Group tensors into RPC-sized dicts (one huge message would double peak memory).
+
+    Tied weights (lm_head = embed_tokens) share storage, which safetensors refuses to save
+    twice; vLLM skips lm_head for tied models anyway, so a second name for a storage is dropped.
+    """
+    chunk: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
     size = 0
     for name, tensor in state.items():
-        chunk.append((name, tensor.detach().cpu().contiguous()))
+        if tensor.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(tensor.untyped_storage().data_ptr())
+        chunk[name] = tensor.detach().cpu().contiguous()
         size += tensor.numel() * tensor.element_size()
         if size >= limit:
             yield chunk
-            chunk, size = [], 0
+            chunk, size = {}, 0
     if chunk:
         yield chunk

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -122,6 +123,25 @@ class Rollouts:
         return {name: getattr(self, name)[index] for name in names}
 
 
+def autocast_bf16(precision: str) -> bool:
+    """Whether to train and roll out under bf16 autocast.
+
+    `cai.train.common.use_bf16`, except that "auto" on a CPU without native bf16 kernels
+    (AVX2-only; oneDNN reports no bf16 support) stays in fp32: there bf16 matmuls were ~9x
+    slower than fp32 and some backward GEMMs ~100x (measured on this project's AMD EPYC, AVX2).
+    An explicit "bf16" is honoured anyway.
+    """
+    from cai.train.common import use_bf16
+
+    if precision != "auto" or torch.cuda.is_available():
+        return use_bf16(precision)
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return native and use_bf16(precision)
+
+
 def derive_seed(*parts: Any) -> int:
     """A 31-bit seed from (config seed, step, purpose, rank...): stable across runs and processes."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=4).digest()
@@ -166,7 +186,9 @@ def load_texts(source: str) -> list[str | Chat]:
             texts.append(chosen if isinstance(chosen, str) else list(row.get("prompt", [])) + list(chosen))
         elif "prompt" in row and ("response" in row or "completion" in row):
             answer = row.get("response", row.get("completion"))
-            texts.append([{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": answer}])
+            texts.append(
+                [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": answer}]
+            )
         else:
             raise ValueError(f"ptx source {source}: a row has none of text/messages/chosen/prompt+response")
     return texts
@@ -195,14 +217,16 @@ class PPOTrainer:
         from transformers import AutoTokenizer
 
         from cai.chats import as_chat
-        from cai.train.common import use_bf16
 
         self.config = config
         self.reward_fn = reward_fn
         self.output_dir = Path(output_dir)
-        self.accelerator = accelerator or Accelerator()
+        # cpu=True on a machine without CUDA: under a torchrun-style launch (`accelerate launch
+        # --multi_gpu --num_processes 2`) accelerate then sets up gloo DDP instead of running
+        # every process as an independent rank 0.
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.console = console or Console(stderr=True)
-        self.bf16 = use_bf16(config.precision)
+        self.bf16 = autocast_bf16(config.precision)
         self.tokenizer = AutoTokenizer.from_pretrained(policy)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -231,10 +255,19 @@ class PPOTrainer:
         if not self.prompts:
             raise ValueError(f"every prompt is longer than max_prompt_tokens={config.max_prompt_tokens}")
         if len(self.prompts) < len(chats):
-            log.warning("dropped %d prompts longer than %d tokens", len(chats) - len(self.prompts), config.max_prompt_tokens)
+            log.warning(
+                "dropped %d prompts longer than %d tokens",
+                len(chats) - len(self.prompts),
+                config.max_prompt_tokens,
+            )
         self.ptx_ids = self._tokenize_ptx() if config.ptx is not None else []
 
-        self.kl_ctl = make_kl_controller(config.kl.kind, config.kl.init_coef, config.kl.target, config.kl.horizon)
+        for tracker in config.report_to:  # fail now, not after the first rollouts
+            if importlib.util.find_spec(tracker) is None:
+                raise ImportError(f"report_to={tracker!r} needs the {tracker} package: pip install {tracker}")
+        self.kl_ctl = make_kl_controller(
+            config.kl.kind, config.kl.init_coef, config.kl.target, config.kl.horizon
+        )
         self.moments = RunningMoments()
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -310,7 +343,9 @@ class PPOTrainer:
         chats = []
         for i in range(start, start + self.config.rollout_batch_size):
             epoch, offset = divmod(i, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.config.seed, "data", epoch)))
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(derive_seed(self.config.seed, "data", epoch))
+            )
             chats.append(self.prompts[int(order[offset])])
         return chats
 
@@ -323,12 +358,16 @@ class PPOTrainer:
         rows = []
         for i in range(start, start + size):
             epoch, offset = divmod(i, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.config.seed, "ptx", epoch)))
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(derive_seed(self.config.seed, "ptx", epoch))
+            )
             rows.append(self.ptx_ids[int(order[offset])])
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.accelerator.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.accelerator.device)
+        mask = torch.tensor(
+            [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.accelerator.device
+        )
         return {"input_ids": ids, "attention_mask": mask}  # (N, L) each
 
     # ------------------------------------------------------------------ rollouts
@@ -378,7 +417,10 @@ class PPOTrainer:
         width_p = max(len(p) for p in prompts)
         width_r = max(1, max(len(r) for r in responses))
         pad = self.tokenizer.pad_token_id
-        rows = [[pad] * (width_p - len(p)) + p + r + [pad] * (width_r - len(r)) for p, r in zip(prompts, responses, strict=True)]
+        rows = [
+            [pad] * (width_p - len(p)) + p + r + [pad] * (width_r - len(r))
+            for p, r in zip(prompts, responses, strict=True)
+        ]
         real = [
             [0] * (width_p - len(p)) + [1] * (len(p) + len(r)) + [0] * (width_r - len(r))
             for p, r in zip(prompts, responses, strict=True)
@@ -460,7 +502,9 @@ class PPOTrainer:
         cfg = self.config
         started = time.perf_counter()
         chats = self.prompts_for(step)
-        params = cfg.sampling.model_copy(update={"seed": derive_seed(cfg.seed, "rollout", step, self.accelerator.process_index)})
+        params = cfg.sampling.model_copy(
+            update={"seed": derive_seed(cfg.seed, "rollout", step, self.accelerator.process_index)}
+        )
         with self._full_params():
             self.engine.sync(self.policy)
             completions = self.engine.generate(chats, params)
@@ -468,17 +512,25 @@ class PPOTrainer:
             raw = self.reward_fn(batch.chats, batch.texts)
             if len(raw) != len(batch.texts):
                 raise ValueError(f"reward_fn returned {len(raw)} scores for {len(batch.texts)} responses")
-            raw_scores = torch.tensor([float(x) for x in raw], dtype=torch.float32, device=self.accelerator.device)
+            raw_scores = torch.tensor(
+                [float(x) for x in raw], dtype=torch.float32, device=self.accelerator.device
+            )
             bad = int(self.accelerator.reduce((~torch.isfinite(raw_scores)).sum(), reduction="sum"))
             if bad:
-                return self._non_finite(step, f"the reward function returned {bad} non-finite scores", started)
+                return self._non_finite(
+                    step, f"the reward function returned {bad} non-finite scores", started
+                )
             self._score_rollouts(batch)
         rollout_s = time.perf_counter() - started
-        assert batch.old_logprobs is not None and batch.ref_logprobs is not None and batch.old_values is not None
+        assert (
+            batch.old_logprobs is not None and batch.ref_logprobs is not None and batch.old_values is not None
+        )
 
         scores = self._process_scores(raw_scores, batch)  # (B,)
         kl_coef = self.kl_ctl.value
-        rewards, kl = token_rewards(scores, batch.old_logprobs, batch.ref_logprobs, batch.mask, kl_coef, cfg.kl.estimator)
+        rewards, kl = token_rewards(
+            scores, batch.old_logprobs, batch.ref_logprobs, batch.mask, kl_coef, cfg.kl.estimator
+        )
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, batch.mask, shift_mean=False)  # (B, R)
         advantages, returns = compute_gae(rewards, batch.old_values, batch.mask, cfg.gamma, cfg.lam)
@@ -489,7 +541,9 @@ class PPOTrainer:
         skipped = 0
         size = batch.input_ids.shape[0]
         updates_per_step = cfg.ppo_epochs * (size // cfg.mini_batch_size)
-        order = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatch", step, self.accelerator.process_index))
+        order = torch.Generator().manual_seed(
+            derive_seed(cfg.seed, "minibatch", step, self.accelerator.process_index)
+        )
         for epoch in range(cfg.ppo_epochs):
             permutation = torch.randperm(size, generator=order)
             for k, start in enumerate(range(0, size, cfg.mini_batch_size)):
@@ -561,7 +615,7 @@ class PPOTrainer:
         out = {k: float(v) for k, v in stats.items()}
         out["grad_norm"] = float(grad_norm) if finite else 0.0
         if ptx_loss is not None:
-            out["ptx_loss"] = float(ptx_loss)
+            out["ptx_loss"] = float(ptx_loss.detach())
             out["loss"] = out["loss"] + cfg.ptx.coef * out["ptx_loss"]
         out["skipped"] = 0 if finite else 1
         return out
@@ -604,7 +658,9 @@ class PPOTrainer:
         where = self.latest_checkpoint()
         message = f"step {step + 1}: {what}"
         if self.config.nan_policy == "halt" or self.nan_streak >= self.config.max_nan_steps:
-            why = "nan_policy=halt" if self.config.nan_policy == "halt" else f"{self.nan_streak} steps in a row"
+            why = (
+                "nan_policy=halt" if self.config.nan_policy == "halt" else f"{self.nan_streak} steps in a row"
+            )
             raise NonFiniteError(f"{message} ({why}); last checkpoint: {where or 'none'}")
         self._warn("nan", f"{message}; step skipped ({self.nan_skipped} so far)")
         return {"step": step + 1, "nan_skipped": True, "step_s": time.perf_counter() - started}
@@ -628,6 +684,7 @@ class PPOTrainer:
                     self.save_checkpoint()
         finally:
             self._close_trackers()
+            self.engine.close()
         policy_path = self.output_dir / POLICY_DIR
         if self.accelerator.is_main_process:
             save_policy(self.policy, self.tokenizer, policy_path)
@@ -650,14 +707,24 @@ class PPOTrainer:
 
     def _config_hash(self) -> str:
         # Fields that may change between a run and its resumption without changing its meaning.
-        free = {"steps", "save_every", "keep_checkpoints", "report_to", "kl_warn", "warn_patience", "max_nan_steps"}
+        free = {
+            "steps",
+            "save_every",
+            "keep_checkpoints",
+            "report_to",
+            "kl_warn",
+            "warn_patience",
+            "max_nan_steps",
+        }
         data = self.config.model_dump(mode="json", exclude=free)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint (a folder only gets its final name once complete)."""
         folder = self.output_dir / CHECKPOINTS
-        done = sorted(p for p in folder.glob("step-*") if (p / STATE_FILE).is_file()) if folder.is_dir() else []
+        done = (
+            sorted(p for p in folder.glob("step-*") if (p / STATE_FILE).is_file()) if folder.is_dir() else []
+        )
         return done[-1] if done else None
 
     def save_checkpoint(self) -> Path:
@@ -721,7 +788,9 @@ class PPOTrainer:
         self.history = list(state["history"])
         self.warnings = list(state["warnings"])
         if self.accelerator.is_main_process:
-            self.console.print(f"[bold]Resuming PPO[/] from {checkpoint} (step {self.step}/{self.config.steps})")
+            self.console.print(
+                f"[bold]Resuming PPO[/] from {checkpoint} (step {self.step}/{self.config.steps})"
+            )
         return self.step
 
     def _check_checkpoint_weights(self, checkpoint: Path) -> None:
@@ -746,11 +815,15 @@ class PPOTrainer:
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._trackers.append(("tensorboard", SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))))
+                self._trackers.append(
+                    ("tensorboard", SummaryWriter(log_dir=str(self.output_dir / "tensorboard")))
+                )
             elif name == "trackio":
                 import trackio
 
-                trackio.init(project="cai-ppo", name=self.output_dir.name, config=self.config.model_dump(mode="json"))
+                trackio.init(
+                    project="cai-ppo", name=self.output_dir.name, config=self.config.model_dump(mode="json")
+                )
                 self._trackers.append(("trackio", trackio))
 
     def _close_trackers(self) -> None:
@@ -775,7 +848,8 @@ class PPOTrainer:
             return
         self.console.print(
             f"[bold]ppo {row['step']:>4}/{self.config.steps}[/] "
-            f"reward {row['reward']:+.3f}±{row['reward_std']:.3f}  kl {row['kl']:.3f} (coef {row['kl_coef']:.3g})  "
+            f"reward {row['reward']:+.3f}±{row['reward_std']:.3f}  "
+            f"kl {row['kl']:.3f} (coef {row['kl_coef']:.3g})  "
             f"entropy {row['entropy']:.2f}  clip {row['clipfrac']:.3f}  approx_kl {row['approx_kl']:.4f}  "
             f"vloss {row['value_loss']:.4f}  len {row['response_length']:.1f}  {row['step_s']:.1f}s",
             highlight=False,
@@ -858,43 +932,6 @@ def _fsync_dir(folder: Path) -> None:
 # --------------------------------------------------------------------------------------- stage
 
 
-class ClassifierReward:
-    """A sequence classifier (the PM folder) as a RewardFn: score of prompt + response as a chat.
-
-    A minimal scorer for `train_ppo(reward_model=...)`; the PM stage's own scorer
-    (`cai.train.reward`) is the one to prefer where it exists, as it matches its training format.
-    """
-
-    def __init__(self, path: str, device: str = "cpu", batch_size: int = 8) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from cai.models import quiet_loading
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        with quiet_loading():
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(device).eval()
-        self.device = device
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[Chat], responses: list[str]) -> list[float]:
-        texts = [
-            self.tokenizer.apply_chat_template(list(chat) + [{"role": "assistant", "content": response}], tokenize=False)
-            for chat, response in zip(prompts, responses, strict=True)
-        ]
-        scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(self.device)
-            scores += self.model(**enc).logits[:, 0].float().tolist()  # (b,)
-        return scores
-
-
 def train_ppo(
     config: PPOConfig,
     output_dir: str | Path,
@@ -918,7 +955,9 @@ def train_ppo(
         reward_name = config.reward_model or reward_model
         if reward_name is None:
             raise ValueError("no reward: set ppo.reward_model or pass the run's preference model")
-        reward_fn = ClassifierReward(resolve_model(reward_name), "cuda" if torch.cuda.is_available() else "cpu")
+        from cai.train.reward import PreferenceScorer
+
+        reward_fn = PreferenceScorer(resolve_model(reward_name)).score
     trainer = PPOTrainer(
         config,
         policy=resolve_model(policy_name),
