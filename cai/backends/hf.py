@@ -38,19 +38,6 @@ def pick_device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX).
-
-    Without either (e.g. AVX2-only machines) torch emulates bf16 matmuls, measured ~100x slower
-    than fp32 (0.9 vs 106 GFLOP/s), so bf16 must not be the default there.
-    """
-    import torch
-
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
 def pick_dtype(requested: str, device: str, purpose: str):
     """bf16 for generation where the hardware has it (1.7x faster on CPUs with AVX512-BF16/AMX),
     fp32 otherwise and for scoring on CPU.
@@ -64,6 +51,8 @@ def pick_dtype(requested: str, device: str, purpose: str):
         return getattr(torch, requested)
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    from cai.hardware import cpu_has_fast_bf16
+
     return torch.bfloat16 if purpose == "generate" and cpu_has_fast_bf16() else torch.float32
 
 

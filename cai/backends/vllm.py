@@ -130,7 +130,7 @@ class VLLMBackend:
             return self.config.dtype
         import torch
 
-        from cai.backends.hf import cpu_has_fast_bf16
+        from cai.hardware import cpu_has_fast_bf16
 
         if self.on_cuda:
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

@@ -123,7 +123,7 @@ def load_policy(
     Everything runs in eval mode for the whole of training: dropout would make the ratio of the
     first PPO epoch differ from 1 for no reason, so PPO runs without it (as TRL's PPO did).
     Weights stay float32; speed comes from bf16 autocast where the hardware has it
-    (`trainer.autocast_bf16`), and the log-prob arithmetic stays float32 either way.
+    (`cai.train.common.use_bf16`), and the log-prob arithmetic stays float32 either way.
     """
     from transformers import AutoModelForCausalLM
 

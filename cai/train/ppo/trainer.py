@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from cai.backends.base import Chat, Completion
+from cai.train.common import use_bf16
 from cai.train.ppo.config import PPOConfig
 from cai.train.ppo.core import (
     RunningMoments,
@@ -121,25 +122,6 @@ class Rollouts:
         names = ("input_ids", "attention_mask", "position_ids", "response_ids", "mask")
         names += ("old_logprobs", "old_values", "advantages", "returns")
         return {name: getattr(self, name)[index] for name in names}
-
-
-def autocast_bf16(precision: str) -> bool:
-    """Whether to train and roll out under bf16 autocast.
-
-    `cai.train.common.use_bf16`, except that "auto" on a CPU without native bf16 kernels
-    (AVX2-only; oneDNN reports no bf16 support) stays in fp32: there bf16 matmuls were ~9x
-    slower than fp32 and some backward GEMMs ~100x (measured on this project's AMD EPYC, AVX2).
-    An explicit "bf16" is honoured anyway.
-    """
-    from cai.train.common import use_bf16
-
-    if precision != "auto" or torch.cuda.is_available():
-        return use_bf16(precision)
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return native and use_bf16(precision)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -226,7 +208,7 @@ class PPOTrainer:
         # every process as an independent rank 0.
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.console = console or Console(stderr=True)
-        self.bf16 = autocast_bf16(config.precision)
+        self.bf16 = use_bf16(config.precision)
         self.tokenizer = AutoTokenizer.from_pretrained(policy)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
