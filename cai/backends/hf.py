@@ -3,7 +3,8 @@
 Generation is batched with left padding, longest prompts first, so a batch wastes little
 padding. Scoring groups prompts that share a token prefix (an ensemble of principles asks about
 the same conversation and responses, with the principle placed last) and computes that prefix
-once: its KV cache is expanded to the group and only the differing suffixes are run.
+once; the differing tails then run packed into one row behind it (block-diagonal mask), so an
+ensemble of 16 principles computes the prefix plus 16 tails and no padding.
 """
 
 from __future__ import annotations
@@ -357,46 +358,89 @@ class HFBackend:
         return shared >= max(MIN_SHARED_PREFIX, PREFIX_SHARE * shortest)
 
     def _score_group(self, model, group: list[_ScoreJob], prefix_len: int, option_ids, single: bool):
-        """Log-probs for one group: a prefix pass (if shared), then all suffixes left-padded.
+        """Log-probs for one group: packed behind a shared prefix, or left-padded side by side."""
+        if prefix_len and len(group) > 1:
+            logp, ends = self._packed_logprobs(model, group, prefix_len, single)
+        else:
+            logp, ends = self._padded_logprobs(model, group, single)
+        return _read_options(logp, ends, group, option_ids, single)
+
+    def _padded_logprobs(self, model, group: list[_ScoreJob], single: bool):
+        """One left-padded batch (no shared prefix).
 
         Left padding aligns every sequence's end, so the positions whose logits are needed (the
         last one, or the last few for multi-token options) are the same columns in every row
         and `logits_to_keep` avoids computing the vocabulary projection anywhere else.
+        Returns (log-probs (1, G*keep, V), the column after each row's last kept position).
         """
         import torch
 
         device = self.device
-        past = None
-        if prefix_len:
-            prefix = torch.tensor([group[0].tokens[:prefix_len]], device=device)
-            past = model(input_ids=prefix, use_cache=True).past_key_values
-            past.batch_repeat_interleave(len(group))
-        suffixes = [j.tokens[prefix_len:] for j in group]
-        width = max(len(s) for s in suffixes)
+        width = max(len(j.tokens) for j in group)
         pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=device)
-        suffix_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)
-        mask = torch.cat(
-            [torch.ones(len(group), prefix_len, dtype=suffix_mask.dtype, device=device), suffix_mask], 1
+        ids = torch.tensor([[pad] * (width - len(j.tokens)) + j.tokens for j in group], device=device)
+        mask = torch.tensor(
+            [[0] * (width - len(j.tokens)) + [1] * len(j.tokens) for j in group], device=device
         )
-        positions = (prefix_len + suffix_mask.cumsum(-1) - 1).clamp(min=0)
         keep = 1 if single else max(j.option_len for j in group) + 1
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
+        logp = torch.log_softmax(logits, dim=-1).reshape(1, len(group) * keep, -1)
+        return logp, [(row + 1) * keep for row in range(len(group))]
+
+    def _packed_logprobs(self, model, group: list[_ScoreJob], prefix_len: int, single: bool):
+        """The shared prefix once, then every sequence's own tail packed into ONE row.
+
+        A block-diagonal mask lets each tail see the prefix and its own earlier tokens only, and
+        position ids restart at the prefix length for each tail, so every tail is computed
+        exactly as if it followed the prefix alone. Packing computes no padding and keeps one
+        copy of the prefix's KV cache (a padded batch would copy it per sequence): the tokens
+        computed are the prefix plus the tails, the arithmetic floor of an ensemble's cost.
+        Returns (log-probs (1, K, V) at the kept positions, the end of each tail's kept slice).
+        """
+        import torch
+
+        device = self.device
+        past = model(input_ids=torch.tensor([group[0].tokens[:prefix_len]], device=device), use_cache=True)
+        tails = [j.tokens[prefix_len:] for j in group]
+        total = sum(len(t) for t in tails)
+        dtype = next(model.parameters()).dtype
+        mask = torch.full((total, prefix_len + total), torch.finfo(dtype).min, dtype=dtype, device=device)
+        mask[:, :prefix_len] = 0
+        positions, keep_index, ends = [], [], []
+        start = 0
+        for job, tail in zip(group, tails, strict=True):
+            n = len(tail)
+            block = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+            mask[start : start + n, prefix_len + start : prefix_len + start + n].masked_fill_(block, 0)
+            positions += range(prefix_len, prefix_len + n)
+            wanted = 1 if single else job.option_len + 1
+            keep_index += range(start + n - wanted, start + n)
+            ends.append(len(keep_index))
+            start += n
         logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=past,
-            use_cache=past is not None,
-            logits_to_keep=keep,
-        ).logits.float()  # (G, keep, V)
-        logp = torch.log_softmax(logits, dim=-1)
-        if single:
-            columns = torch.tensor([o[0] for o in option_ids], device=device)
-            return logp[:, -1, :].index_select(-1, columns).tolist()  # (G, n_options)
-        values = []
-        for row, job in enumerate(group):
-            target = job.tokens[-job.option_len :]
-            # logits at column c predict the token at column c + 1; the option fills the last L
-            rows = logp[row, keep - 1 - job.option_len : keep - 1, :]  # (L, V)
-            values.append([float(rows.gather(-1, torch.tensor(target, device=device)[:, None]).sum())])
-        return values
+            input_ids=torch.tensor([sum(tails, [])], device=device),
+            attention_mask=mask[None, None],
+            position_ids=torch.tensor([positions], device=device),
+            past_key_values=past.past_key_values,
+            use_cache=True,
+            logits_to_keep=torch.tensor(keep_index, device=device),
+        ).logits.float()
+        return torch.log_softmax(logits, dim=-1), ends
+
+
+def _read_options(logp, ends: list[int], group: list[_ScoreJob], option_ids, single: bool):
+    """Each job's option log-probs from its kept positions (`ends[row]` = one past its last)."""
+    import torch
+
+    device = logp.device
+    if single:
+        columns = torch.tensor([o[0] for o in option_ids], device=device)
+        last = torch.tensor([end - 1 for end in ends], device=device)
+        return logp[0, last, :].index_select(-1, columns).tolist()  # (G, n_options)
+    values = []
+    for row, job in enumerate(group):
+        target = job.tokens[-job.option_len :]
+        # the logits at a kept position predict the next token; the option fills the last L
+        rows = logp[0, ends[row] - 1 - job.option_len : ends[row] - 1, :]  # (L, V)
+        values.append([float(rows.gather(-1, torch.tensor(target, device=device)[:, None]).sum())])
+    return values
