@@ -6,7 +6,8 @@ The same labels (prompt + two fixed responses each) are judged by `cai.judge.jud
 orders, under 1 principle and under 16 principles of the shipped harmless constitution. The
 principle is the last part of the comparison prompt, so the 16 prompts of one (label, order)
 share their whole prefix, which the hf engine computes once and vLLM's prefix cache reuses.
-Target: 16 principles cost <= 2.5x one principle. Runs are measured side by side, best of 2.
+Target: 16 principles cost <= 2.5x one principle. Runs are measured side by side, best of 2
+(vLLM's prefix cache is reset before each).
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def measure(backend, conversations, responses, n_principles: int, repeats: int =
     builder = ChatBuilder(Templates(), constitution)
     chosen = constitution.select(stages=["compare"])[:n_principles]
     best = float("inf")
+    # vLLM keeps its prefix cache across calls; a real run meets each label once
+    reset = getattr(getattr(backend, "llm", None), "reset_prefix_cache", lambda: None)
     for _ in range(repeats):
+        reset()
         started = time.perf_counter()
         judge(backend, builder, conversations, responses, [chosen] * len(conversations), LabelConfig())
         best = min(best, time.perf_counter() - started)
@@ -86,8 +90,9 @@ def main() -> None:
     for name, make in engines:
         backend = make()
         measure(backend, conversations[:1], responses[:1], 1, repeats=1)  # load + warm up
-        one = measure(backend, conversations, responses, 1)
-        sixteen = measure(backend, conversations, responses, 16)
+        repeats = 1 if "no prefix" in name else 2  # the reference is slow and only indicative
+        one = measure(backend, conversations, responses, 1, repeats)
+        sixteen = measure(backend, conversations, responses, 16, repeats)
         ratio = sixteen / one
         verdict = (
             "(reference)"

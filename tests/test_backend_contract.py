@@ -352,10 +352,16 @@ def _naive_logprobs(path: str, backend, prompts: list[ScorePrompt], options: lis
     return table
 
 
+@pytest.mark.parametrize("pack_tokens", [512, 8], ids=["one-pack", "a-pack-per-tail"])
 @pytest.mark.parametrize("options", [["A", "B"], [" Option (A)", " Option (B)"]], ids=["single", "multi"])
-def test_hf_prefix_reuse_matches_no_reuse_and_a_naive_reference(lively_tiny_lm, options):
+def test_hf_prefix_reuse_matches_no_reuse_and_a_naive_reference(
+    lively_tiny_lm, options, pack_tokens, monkeypatch
+):
+    from cai.backends import hf
     from cai.backends.hf import HFBackend
     from cai.config import HFEngine
+
+    monkeypatch.setattr(hf, "PACK_TOKENS", pack_tokens)
 
     path = lively_tiny_lm
     prompts = compare_prompts(4)
@@ -364,6 +370,20 @@ def test_hf_prefix_reuse_matches_no_reuse_and_a_naive_reference(lively_tiny_lm, 
     with_reuse = reuse.score_choices(prompts, options)
     without = plain.score_choices(prompts, options)
     assert reuse.usage.cached_tokens > 0 and plain.usage.cached_tokens == 0
+    # prompts about different pairs share only the system prompt: never grouped (with
+    # multi-token options, each prompt's own options are, legitimately)
+    mixed = compare_prompts(1) + [
+        ScorePrompt(
+            chat=[{"role": "user", "content": "Which option is shorter? (A) yes (B) no"}],
+            assistant_prefix="(",
+        )
+    ]
+    before = reuse.usage.cached_tokens
+    reuse.score_choices(mixed, options)
+    own_options = (
+        sum(len(reuse.encode_chat(p.chat, p.assistant_prefix)) for p in mixed) if len(options[0]) > 1 else 0
+    )
+    assert before <= reuse.usage.cached_tokens <= before + own_options
     naive = _naive_logprobs(path, reuse, prompts, options)
     for a, b, ref in zip(with_reuse, without, naive, strict=True):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)

@@ -28,6 +28,7 @@ from cai.config import HFEngine
 log = logging.getLogger("cai.backends.hf")
 
 MIN_SHARED_PREFIX = 16  # tokens; below this a prefix pass costs more than it saves
+PACK_TOKENS = 512  # most tail tokens run in one packed row behind a shared prefix
 PREFIX_SHARE = 0.5  # a group's shared prefix must cover at least this share of its shortest member
 
 
@@ -331,15 +332,17 @@ class HFBackend:
                 clusters.append([job])
         size = self.config.score_batch_size
         loners = sorted((c[0] for c in clusters if len(c) == 1), key=lambda j: len(j.tokens))  # less padding
-        batches = [c[i : i + size] for c in clusters if len(c) > 1 for i in range(0, len(c), size)]
-        batches += [loners[i : i + size] for i in range(0, len(loners), size)]
-        for group in batches:
+        batches = [(c[i : i + size], True) for c in clusters if len(c) > 1 for i in range(0, len(c), size)]
+        # loners share only short prefixes (the system prompt): one plain padded batch each
+        batches += [(loners[i : i + size], False) for i in range(0, len(loners), size)]
+        for group, clustered in batches:
             prefix = 0
-            if len(group) > 1 and self.config.prefix_reuse:
+            if clustered and len(group) > 1:
                 shared = _common_prefix(group[0].tokens, group[-1].tokens)
                 if shared >= MIN_SHARED_PREFIX:
-                    # every sequence keeps at least one token of its own (the logits come from it)
-                    prefix = min(shared, min(len(j.tokens) for j in group) - 1)
+                    # every sequence keeps its option and the token before it (whose logits
+                    # predict the option's first token) out of the shared prefix
+                    prefix = min(shared, min(len(j.tokens) - j.option_len - 1 for j in group))
             self.usage.scored_tokens += sum(len(j.tokens) for j in group) - prefix * (len(group) - 1)
             self.usage.cached_tokens += prefix * (len(group) - 1)
             yield group, prefix
@@ -400,15 +403,32 @@ class HFBackend:
         import torch
 
         device = self.device
-        past = model(input_ids=torch.tensor([group[0].tokens[:prefix_len]], device=device), use_cache=True)
+        prefix = torch.tensor([group[0].tokens[:prefix_len]], device=device)
+        cache = model(input_ids=prefix, use_cache=True).past_key_values
         tails = [j.tokens[prefix_len:] for j in group]
+        pieces, ends, offset = [], [], 0
+        for pack in _packs([len(t) for t in tails], PACK_TOKENS):
+            extra = cache.get_seq_length() - prefix_len
+            if extra:
+                cache.crop(-extra)  # drop the previous pack's tails
+            logp, pack_ends = self._run_pack(model, cache, prefix_len, [group[i] for i in pack], single)
+            pieces.append(logp)
+            ends += [offset + end for end in pack_ends]
+            offset += logp.shape[1]
+        return torch.cat(pieces, dim=1), ends
+
+    def _run_pack(self, model, cache, prefix_len: int, jobs: list[_ScoreJob], single: bool):
+        import torch
+
+        device = self.device
+        tails = [j.tokens[prefix_len:] for j in jobs]
         total = sum(len(t) for t in tails)
         dtype = next(model.parameters()).dtype
         mask = torch.full((total, prefix_len + total), torch.finfo(dtype).min, dtype=dtype, device=device)
         mask[:, :prefix_len] = 0
         positions, keep_index, ends = [], [], []
         start = 0
-        for job, tail in zip(group, tails, strict=True):
+        for job, tail in zip(jobs, tails, strict=True):
             n = len(tail)
             block = torch.ones(n, n, dtype=torch.bool, device=device).tril()
             mask[start : start + n, prefix_len + start : prefix_len + start + n].masked_fill_(block, 0)
@@ -421,11 +441,28 @@ class HFBackend:
             input_ids=torch.tensor([sum(tails, [])], device=device),
             attention_mask=mask[None, None],
             position_ids=torch.tensor([positions], device=device),
-            past_key_values=past.past_key_values,
+            past_key_values=cache,
             use_cache=True,
             logits_to_keep=torch.tensor(keep_index, device=device),
         ).logits.float()
         return torch.log_softmax(logits, dim=-1), ends
+
+
+def _packs(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive runs of tails whose total stays within `budget` tokens (at least one each).
+
+    A pack's attention is dense over all its tails (masked, but computed), so packing everything
+    into one row would grow quadratically; bounded packs keep it near the linear cost.
+    """
+    packs: list[list[int]] = [[]]
+    used = 0
+    for index, length in enumerate(lengths):
+        if packs[-1] and used + length > budget:
+            packs.append([])
+            used = 0
+        packs[-1].append(index)
+        used += length
+    return packs
 
 
 def _read_options(logp, ends: list[int], group: list[_ScoreJob], option_ids, single: bool):
