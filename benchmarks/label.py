@@ -6,8 +6,10 @@ The same labels (prompt + two fixed responses each) are judged by `cai.judge.jud
 orders, under 1 principle and under 16 principles of the shipped harmless constitution. The
 principle is the last part of the comparison prompt, so the 16 prompts of one (label, order)
 share their whole prefix, which the hf engine computes once and vLLM's prefix cache reuses.
-Target: 16 principles cost <= 2.5x one principle. Runs are measured side by side, best of 2
-(vLLM's prefix cache is reset before each).
+Target: 16 principles cost <= 2.5x one principle. The token ratio beside it is what the engine
+computed for 16 over 1 (cached prefix tokens excluded): the floor for an engine that reuses
+the shared prefix. Runs are measured side by side, best of 2 (vLLM's prefix cache is reset before
+each); on this shared 2-core machine single runs vary by +-20%.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def labels(count: int, tokens: int):
     return conversations, [[safe, unsafe] for _ in rows]
 
 
-def measure(backend, conversations, responses, n_principles: int, repeats: int = 2) -> float:
+def measure(backend, conversations, responses, n_principles: int, repeats: int = 2) -> tuple[float, int]:
+    """(best wall time, tokens the engine computed in the last run: what an engine cannot avoid)."""
     from cai.chats import ChatBuilder
     from cai.constitution import load_constitution
     from cai.judge import LabelConfig, judge
@@ -54,15 +57,17 @@ def measure(backend, conversations, responses, n_principles: int, repeats: int =
     constitution = load_constitution("harmless")
     builder = ChatBuilder(Templates(), constitution)
     chosen = constitution.select(stages=["compare"])[:n_principles]
-    best = float("inf")
+    best, computed = float("inf"), 0
     # vLLM keeps its prefix cache across calls; a real run meets each label once
     reset = getattr(getattr(backend, "llm", None), "reset_prefix_cache", lambda: None)
     for _ in range(repeats):
         reset()
+        before = backend.usage.scored_tokens
         started = time.perf_counter()
         judge(backend, builder, conversations, responses, [chosen] * len(conversations), LabelConfig())
         best = min(best, time.perf_counter() - started)
-    return best
+        computed = backend.usage.scored_tokens - before
+    return best, computed
 
 
 def main() -> None:
@@ -86,20 +91,27 @@ def main() -> None:
     else:
         print("vllm: not installed here (make setup-engines), skipped")
     print(f"\n{args.labels} labels x 2 orders, responses ~{args.response_tokens} tokens")
-    print(f"{'engine':22}{'1 principle s':>15}{'16 principles s':>17}{'ratio':>8}{'labels/s (16)':>15}")
+    print(
+        f"{'engine':22}{'1 principle s':>15}{'16 principles s':>17}{'ratio':>8}{'token ratio':>14}"
+        f"{'labels/s (16)':>15}"
+    )
     for name, make in engines:
         backend = make()
         measure(backend, conversations[:1], responses[:1], 1, repeats=1)  # load + warm up
         repeats = 1 if "no prefix" in name else 2  # the reference is slow and only indicative
-        one = measure(backend, conversations, responses, 1, repeats)
-        sixteen = measure(backend, conversations, responses, 16, repeats)
+        one, one_tokens = measure(backend, conversations, responses, 1, repeats)
+        sixteen, sixteen_tokens = measure(backend, conversations, responses, 16, repeats)
         ratio = sixteen / one
+        floor = f"{sixteen_tokens / one_tokens:.2f}" if one_tokens else "n/a"
         verdict = (
             "(reference)"
             if "no prefix" in name
             else ("target <= 2.5: " + ("met" if ratio <= 2.5 else "MISSED"))
         )
-        print(f"{name:22}{one:>15.2f}{sixteen:>17.2f}{ratio:>8.2f}{args.labels / sixteen:>15.2f}   {verdict}")
+        print(
+            f"{name:22}{one:>15.2f}{sixteen:>17.2f}{ratio:>8.2f}{floor:>14}{args.labels / sixteen:>15.2f}"
+            f"   {verdict}"
+        )
         backend.close()
         del backend
 
