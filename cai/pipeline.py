@@ -104,7 +104,10 @@ def print_summary(
             str(s["scored_tokens"]),
         )
     ctx.console.print(table)
-    ctx.console.print("seconds and tokens are totals over every attempt of the stage's current output")
+    ctx.console.print(
+        "rows: items produced (sl, label, eval), or trained on (sft: examples, mix: pairs, pm: training "
+        "pairs, ppo: rollouts); seconds and tokens are totals over every attempt of the stage's output"
+    )
     for stage in shown:
         ctx.console.print(f"  {stage:6} {summary[stage]['path']}", highlight=False)
     if report is not None:

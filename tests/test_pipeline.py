@@ -79,7 +79,16 @@ def test_every_stage_runs_and_the_report_is_written(first_run):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["constitution"]["hash"] == ctx.constitution.hash
     assert set(manifest["stages"]) >= {"sl", "sft", "label", "mix", "pm", "ppo", "eval"}
-    assert "torch" in manifest["versions"] and manifest["stages"]["sl"]["generated_tokens"] > 0
+    stages = manifest["stages"]
+    assert "torch" in manifest["versions"] and stages["sl"]["generated_tokens"] > 0
+    # training stages report what they trained on; PPO the tokens its rollouts sampled
+    history = ppo.summary["history"]
+    assert stages["ppo"]["rows"] == len(history) * ctx.config.ppo.rollout_batch_size
+    assert stages["ppo"]["generated_tokens"] == round(
+        sum(h["response_length"] for h in history) * ctx.config.ppo.rollout_batch_size
+    )
+    assert stages["mix"]["rows"] == latest(run_dir, "mix").manifest.summary["rows"] > 0
+    assert stages["sft"]["rows"] == latest(run_dir, "sft").manifest.summary["examples"] > 0
 
 
 def test_second_run_with_the_same_config_makes_no_model_call(first_run):

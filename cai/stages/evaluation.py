@@ -152,14 +152,16 @@ def run_summary(run_dir: Path) -> dict:
             manifest = store.manifest
         except Exception:  # noqa: BLE001 - a half-created folder is reported, not fatal
             continue
-        usage = manifest.usage
+        usage, done = manifest.usage, manifest.summary or {}
+        # training stages commit no rows: show what they trained on (examples, pairs, rollouts)
+        trained = next((done[k] for k in ("rows", "examples", "n_train", "rollouts") if k in done), 0)
         stages[stage] = {
             "status": manifest.status,
-            "rows": manifest.rows,
+            "rows": manifest.rows or trained,
             "seconds": round(manifest.elapsed_s, 1),
             "attempts": manifest.attempts,
             "prompt_tokens": usage.get("prompt_tokens", 0),
-            "generated_tokens": usage.get("completion_tokens", 0),
+            "generated_tokens": usage.get("completion_tokens", 0) or done.get("generated_tokens", 0),
             "scored_tokens": usage.get("scored_tokens", 0),
             "config_hash": manifest.config_hash[:12],
             "path": str(store.path),
