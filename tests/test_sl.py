@@ -133,11 +133,18 @@ def test_stage_on_smollm2_produces_text_revisions(tmp_path, default_model_path):
     config = _config(
         tmp_path, default_model_path, "sl.prompts.limit=2", "sl.rounds=1", "sl.sampling.max_new_tokens=32"
     )
-    store = run_sl(StageContext(config, Console(file=open(os.devnull, "w"))))
+    console = Console(file=open(os.devnull, "w"), record=True, width=200)
+    store = run_sl(StageContext(config, console))
     rows = list(store.rows(SLRecord))
     assert len(rows) == 2 and all(r.error is None for r in rows)
     assert all(len(r.final_revision.split()) >= 3 for r in rows)  # real words, not empty
     assert all(r.rounds[0].critique for r in rows)
+    # the user sees one real example: its principle, critique and revision
+    shown = " ".join(console.export_text().split())
+    first = rows[0]
+    assert f"principle {first.rounds[0].principle_id}" in shown
+    assert " ".join(first.rounds[0].critique.split())[:40] in shown
+    assert " ".join(first.final_revision.split())[:40] in shown
 
 
 def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path):

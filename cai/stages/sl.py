@@ -101,7 +101,28 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
     ctx.console.print(
         f"[green]✓[/] {STAGE}: {summary['rows']} rows ({summary['errors']} with errors) -> {store.path}"
     )
+    example = next((r for r in sorted_rows(rows) if not r.error and r.rounds), None)
+    if example is not None:
+        show_example(ctx.console, example)
     return store
+
+
+def show_example(console, row: SLRecord, width: int = 400) -> None:
+    """One finished row, so the user sees what the loop really produced (texts cut at `width`)."""
+    from rich.markup import escape
+
+    def cut(text: str | None) -> str:
+        text = " ".join((text or "").split())
+        return escape(text if len(text) <= width else text[:width] + " ...")
+
+    console.print(f"[bold]example[/] {row.row_id}")
+    console.print(f"  [cyan]prompt[/]    {cut(row.prompt[-1]['content'])}")
+    console.print(f"  [cyan]answer[/]    {cut(row.initial_response)}")
+    for r in row.rounds:
+        console.print(f"  [cyan]round {r.round}[/]   principle [bold]{r.principle_id}[/]")
+        if r.critique is not None:
+            console.print(f"  [cyan]critique[/]  {cut(r.critique)}")
+        console.print(f"  [cyan]revision[/]  {cut(r.revision)}")
 
 
 def sorted_rows(rows: list[SLRecord]) -> list[SLRecord]:
