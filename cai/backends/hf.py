@@ -420,6 +420,7 @@ class HFBackend:
         return torch.cat(pieces, dim=1), ends
 
     def _run_pack(self, model, cache, prefix_len: int, jobs: list[_ScoreJob], single: bool):
+        """One packed row of tails after the cached prefix: (log-probs (1, K, V), slice ends)."""
         import torch
 
         device = self.device
