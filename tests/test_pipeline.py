@@ -85,7 +85,7 @@ def test_every_stage_runs_and_the_report_is_written(first_run):
     history = ppo.summary["history"]
     assert stages["ppo"]["rows"] == len(history) * ctx.config.ppo.rollout_batch_size
     assert stages["ppo"]["generated_tokens"] == round(
-        sum(h["response_length"] for h in history) * ctx.config.ppo.rollout_batch_size
+        sum(h["response_length"] * ctx.config.ppo.rollout_batch_size for h in history)
     )
     assert stages["mix"]["rows"] == latest(run_dir, "mix").manifest.summary["rows"] > 0
     assert stages["sft"]["rows"] == latest(run_dir, "sft").manifest.summary["examples"] > 0

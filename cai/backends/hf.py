@@ -407,9 +407,8 @@ class HFBackend:
         # logits_to_keep=1: the prefix's own logits are never read (the vocabulary projection of
         # every prefix position would cost ~20% of the pass)
         cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
-        tails = [j.tokens[prefix_len:] for j in group]
         pieces, ends, offset = [], [], 0
-        for pack in _packs([len(t) for t in tails], PACK_TOKENS):
+        for pack in _packs([len(j.tokens) - prefix_len for j in group], PACK_TOKENS):
             extra = cache.get_seq_length() - prefix_len
             if extra:
                 cache.crop(-extra)  # drop the previous pack's tails

@@ -8,7 +8,6 @@ from the newest one (model, optimizer, scheduler, RNG, KL controller, data posit
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cai.stages.base import StageContext
@@ -40,11 +39,11 @@ def run_ppo(ctx: StageContext, fresh: bool = False) -> StageStore:
 
     def train(output: Path, seed: int) -> tuple[dict, str]:
         result = train_ppo(cfg, output, policy=policy, reward_model=reward)
-        per_step = cfg.rollout_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+        history = result.history
         summary = {
-            "rollouts": per_step * len(result.history),
-            # mean response length per step x rollouts per step: the tokens sampled
-            "generated_tokens": round(sum(h.get("response_length", 0.0) for h in result.history) * per_step),
+            "rollouts": sum(h["rollouts"] for h in history),
+            # mean response length x rollouts, per step: the tokens sampled
+            "generated_tokens": round(sum(h["response_length"] * h["rollouts"] for h in history)),
             "model_path": str(result.policy_path) if result.policy_path else None,
             "reward_model": reward,
             "steps": result.steps,

@@ -562,6 +562,7 @@ class PPOTrainer:
             "kl": mean_kl,
             "kl_coef": kl_coef,
             "response_length": length,
+            "rollouts": size * self.accelerator.num_processes,
             "ended_with_eos": ended,
             **dict(zip(sorted(sums), averaged, strict=True)),
             "lr": self.optimizer.param_groups[0]["lr"],
