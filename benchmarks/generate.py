@@ -4,7 +4,8 @@
 
 The same chat prompts, greedy, on the default model (SmolLM2-135M-Instruct):
   (a) naive: one `model.generate` per prompt, in the model's default dtype (float32);
-  (b) cai `hf` backend, default config (bf16 generation, batched, left-padded);
+  (b) cai `hf` backend, default config (batched, left-padded; cai_sdpa attention, growing KV
+      cache and oneDNN-packed linears on CPU, see cai/backends/hf_kernels.py);
   (c) raw `vllm.LLM.generate` on token-id prompts, the engine cai builds (same kwargs);
   (d) cai `vllm` backend on that same engine (prefix cache reset before each timed run).
 Targets: (b)/(a) >= 12x tokens/s; (d)/(c) >= 0.9. Each row is also shown as a fraction of this
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="8 prompts, 32 new tokens: a smoke run")
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--hf-batch-size", type=int, default=None, help="default: HFEngine's batch_size")
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.new_tokens, args.naive_prompts, args.repeats = 8, 32, 2, 1
@@ -81,7 +83,10 @@ def main() -> None:
     seconds, tokens, dtype = naive(path, chats[: args.naive_prompts], args.new_tokens)
     rows["(a) naive loop"] = (seconds, tokens, dtype, bounds.single(dtype))
 
-    hf = HFBackend(MODEL)
+    from cai.config import HFEngine
+
+    engine = HFEngine() if args.hf_batch_size is None else HFEngine(batch_size=args.hf_batch_size)
+    hf = HFBackend(MODEL, engine)
     hf.generate(chats[:2], params.model_copy(update={"max_new_tokens": 4}))  # load + warm up
     before = hf.usage.model_copy()
     seconds, _ = best_of(1, lambda: hf.generate(chats, params))

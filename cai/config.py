@@ -43,13 +43,23 @@ class HFEngine(Section):
         "auto",
         description="Scoring dtype; auto = float32 on CPU (bf16 flips near-tie soft labels), bf16 on GPU.",
     )
-    batch_size: int = Field(32, ge=1, description="Chats per generate() forward batch.")
+    batch_size: int = Field(64, ge=1, description="Chats per generate() forward batch.")
     score_batch_size: int = Field(32, ge=1, description="Sequences per scoring forward batch.")
     max_length: int | None = Field(
         None, ge=16, description="Longest prompt + completion in tokens; default: the model's maximum."
     )
     prefix_reuse: bool = Field(True, description="Compute a prefix shared by scored prompts once.")
-    attn_implementation: str | None = Field("sdpa", description="Passed to from_pretrained.")
+    pack_linears: bool = Field(
+        True,
+        description="On CPU in float32, keep the linear layers' weights pre-packed for oneDNN "
+        "(~20% faster generation; results differ by ~1e-6). Only for models the engine loads itself.",
+    )
+    attn_implementation: str | None = Field(
+        "cai_sdpa",
+        description="'cai_sdpa' = PyTorch SDPA with grouped-query heads handled by the kernel on CPU "
+        "(no copy of the KV cache per decode step; transformers' 'sdpa' elsewhere); any transformers "
+        "name ('sdpa', 'eager', 'flash_attention_2') is passed to from_pretrained as is.",
+    )
 
 
 class VLLMEngine(Section):

@@ -48,28 +48,6 @@ MOST = [HF_TINY, VLLM, OPENAI]
 
 
 @pytest.fixture(scope="session")
-def lively_tiny_lm(tiny_models, tmp_path_factory) -> str:
-    """The tiny model with weights drawn wider (std 0.2 instead of 0.02).
-
-    At the usual init its greedy output is one whitespace token repeated, which would make
-    alignment and stop-string checks vacuous; wider weights give varied text and clear argmaxes.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("lively-tiny")
-    model = AutoModelForCausalLM.from_pretrained(tiny_models.causal_lm)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_models.causal_lm).save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="session")
 def hf_tiny(lively_tiny_lm):
     from cai.backends.hf import HFBackend
     from cai.config import HFEngine

@@ -23,6 +23,7 @@ from cai.backends.base import (
     ScorePrompt,
     Usage,
 )
+from cai.backends.hf_kernels import can_pack_linears, growing_cache, pack_linears
 from cai.config import HFEngine
 
 log = logging.getLogger("cai.backends.hf")
@@ -117,10 +118,14 @@ class HFBackend:
     def model(self, dtype) -> Any:
         """The model in `dtype`, loaded on first use (two dtypes = two copies, by design)."""
         if dtype not in self._models:
+            import torch
             from transformers import AutoModelForCausalLM
 
+            from cai.backends.hf_kernels import ATTENTION, register_attention
             from cai.models import quiet_loading
 
+            if self.config.attn_implementation == ATTENTION:
+                register_attention()
             with quiet_loading():
                 model = AutoModelForCausalLM.from_pretrained(
                     self._path,
@@ -129,6 +134,8 @@ class HFBackend:
                     trust_remote_code=False,
                 )
             model.to(self.device).eval()
+            if self.config.pack_linears and self.device == "cpu" and dtype == torch.float32 and can_pack_linears():
+                pack_linears(model, batch_hint=self.config.batch_size)
             self._models[dtype] = model
         return self._models[dtype]
 
@@ -227,6 +234,9 @@ class HFBackend:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+        cache = growing_cache(model.config)
+        if cache is not None:
+            kwargs["past_key_values"] = cache
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         new = out[:, width:].tolist()
