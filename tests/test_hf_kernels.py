@@ -140,4 +140,3 @@ def test_the_backend_packs_only_models_it_owns(lively_tiny_lm):
     shared = HFBackend(lively_tiny_lm, model_object=live)
     shared.generate(CHATS[:1], SamplingParams(max_new_tokens=2, temperature=0))
     assert any(type(m) is torch.nn.Linear for m in live.modules())  # a model being trained stays as it is
-
