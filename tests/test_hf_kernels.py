@@ -10,6 +10,8 @@ CHATS = [
     [{"role": "user", "content": "Tell me a long story about a harbour and its lighthouse keeper."}],
     [{"role": "user", "content": "Hi"}],
     [{"role": "user", "content": "How do owls see at night? Please be brief."}],
+    [{"role": "user", "content": "Name three rivers."}],
+    [{"role": "user", "content": "Why is the sky blue, and why are sunsets red and orange instead?"}],
 ]
 
 
@@ -34,11 +36,18 @@ def test_the_tiny_model_uses_grouped_query_attention(lively_tiny_lm):
     [SamplingParams(max_new_tokens=24, temperature=0), SamplingParams(max_new_tokens=16, temperature=1.0, n=2, seed=3)],
     ids=["greedy", "sampled-n2"],
 )
-def test_generation_matches_transformers_sdpa_and_dynamic_cache(lively_tiny_lm, params, monkeypatch):
+@pytest.mark.parametrize("prefill_rows", [1, 2, 16], ids=["prefill-per-row", "prefill-by-2", "one-prefill"])
+def test_generation_matches_transformers_sdpa_and_dynamic_cache(lively_tiny_lm, params, prefill_rows, monkeypatch):
+    """Chunked prefill included: 5 chats of different lengths (x n), chunks of 1, 2 or all rows."""
     from cai.backends import hf
 
+    monkeypatch.setattr(hf, "PREFILL_ROWS", prefill_rows)
+    chunked = []
+    original = hf.HFBackend._prefill
+    monkeypatch.setattr(hf.HFBackend, "_prefill", lambda self, *a: chunked.append(1) or original(self, *a))
     fast = _backend(lively_tiny_lm, "cai_sdpa", pack=True).generate(CHATS, params)
-    monkeypatch.setattr(hf, "growing_cache", lambda config: None)  # transformers' own cache
+    assert bool(chunked) == (len(CHATS) * params.n > prefill_rows)
+    monkeypatch.setattr(hf, "growing_cache", lambda config: None)  # transformers' own cache and prefill
     plain = _backend(lively_tiny_lm, "sdpa", pack=False).generate(CHATS, params)
     for a, b in zip(fast, plain, strict=True):
         assert [s.token_ids for s in a.samples] == [s.token_ids for s in b.samples]
