@@ -268,7 +268,7 @@ class HFBackend:
         import torch
 
         width = input_ids.shape[1]
-        parts: list[list[tuple[Any, Any]]] = []  # per chunk, per layer: (keys, values)
+        parts: list[list[Any]] = []  # per chunk, per layer: (keys, values)
         for start in range(0, len(rows), PREFILL_ROWS):
             chunk = slice(start, start + PREFILL_ROWS)
             own = max(len(r) for r in rows[chunk])
@@ -276,6 +276,7 @@ class HFBackend:
             positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
             parts.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+            del out
         for index, layer in enumerate(cache.layers):
             shape = list(parts[0][index][0].shape)
             shape[0], shape[-2] = len(rows), width - 1
@@ -286,6 +287,7 @@ class HFBackend:
                 rows_slice = slice(number * PREFILL_ROWS, number * PREFILL_ROWS + chunk_keys.shape[0])
                 keys[rows_slice, :, width - 1 - chunk_keys.shape[-2] :] = chunk_keys
                 values[rows_slice, :, width - 1 - chunk_values.shape[-2] :] = chunk_values
+                chunk_layers[index] = None  # freed as we go: peak memory ~ one extra layer
             layer.update(keys, values)
 
     def _to_sample(self, tokens: list[int], eos_ids: set[int], params: SamplingParams) -> Sample:
