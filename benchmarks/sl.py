@@ -77,14 +77,15 @@ def main() -> None:
         # load and run once outside the timed region: first calls pay for allocator and oneDNN
         # set-up, which would otherwise land on whichever side runs first
         warm = config.sl.sampling.model_copy(update={"max_new_tokens": 8})
-        engine.inner.generate([[{"role": "user", "content": "Hello there, how are you?"}]] * 4, warm)
+        hello = [[{"role": "user", "content": "Hello there, how are you?"}]] * 4
+        engine.inner.generate(hello, warm)
         started = time.perf_counter()
         run_sl(ctx)
         stage_seconds = time.perf_counter() - started
         tokens = engine.usage.completion_tokens
 
         raw = HFBackend(args.model, config.engine)
-        raw.generate([[{"role": "user", "content": "Hello there, how are you?"}]] * 4, warm)
+        raw.generate(hello, warm)
         started = time.perf_counter()
         for chats, params in engine.calls:
             raw.generate(chats, params)

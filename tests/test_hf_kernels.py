@@ -19,7 +19,9 @@ def _backend(path: str, attention: str, pack: bool):
     from cai.backends.hf import HFBackend
     from cai.config import HFEngine
 
-    engine = HFEngine(dtype="float32", score_dtype="float32", attn_implementation=attention, pack_linears=pack)
+    engine = HFEngine(
+        dtype="float32", score_dtype="float32", attn_implementation=attention, pack_linears=pack
+    )
     return HFBackend(path, engine)
 
 
@@ -33,11 +35,16 @@ def test_the_tiny_model_uses_grouped_query_attention(lively_tiny_lm):
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(max_new_tokens=24, temperature=0), SamplingParams(max_new_tokens=16, temperature=1.0, n=2, seed=3)],
+    [
+        SamplingParams(max_new_tokens=24, temperature=0),
+        SamplingParams(max_new_tokens=16, temperature=1.0, n=2, seed=3),
+    ],
     ids=["greedy", "sampled-n2"],
 )
 @pytest.mark.parametrize("prefill_rows", [1, 2, 16], ids=["prefill-per-row", "prefill-by-2", "one-prefill"])
-def test_generation_matches_transformers_sdpa_and_dynamic_cache(lively_tiny_lm, params, prefill_rows, monkeypatch):
+def test_generation_matches_transformers_sdpa_and_dynamic_cache(
+    lively_tiny_lm, params, prefill_rows, monkeypatch
+):
     """Chunked prefill included: 5 chats of different lengths (x n), chunks of 1, 2 or all rows."""
     from cai.backends import hf
 
@@ -58,7 +65,9 @@ def test_scores_match_transformers_sdpa(lively_tiny_lm):
     from cai.backends.base import ScorePrompt
 
     prompts = [
-        ScorePrompt(chat=chat + [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": "A or B?"}])
+        ScorePrompt(
+            chat=chat + [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": "A or B?"}]
+        )
         for chat in CHATS
     ]
     fast = _backend(lively_tiny_lm, "cai_sdpa", pack=True).score_choices(prompts, ["A", "B"])

@@ -135,7 +135,8 @@ class HFBackend:
                     trust_remote_code=False,
                 )
             model.to(self.device).eval()
-            if self.config.pack_linears and self.device == "cpu" and dtype == torch.float32 and can_pack_linears():
+            cpu_fp32 = self.device == "cpu" and dtype == torch.float32
+            if self.config.pack_linears and cpu_fp32 and can_pack_linears():
                 pack_linears(model, batch_hint=self.config.batch_size)
             self._models[dtype] = model
         return self._models[dtype]
@@ -274,20 +275,20 @@ class HFBackend:
             own = max(len(r) for r in rows[chunk])
             ids, mask = input_ids[chunk, width - own : -1], attention[chunk, width - own : -1]
             positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            )
             parts.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
             del out
+
+        def widen(tensor):  # left-pad the sequence dimension with zeros to the batch's width
+            return torch.nn.functional.pad(tensor, (0, 0, width - 1 - tensor.shape[-2], 0))
+
         for index, layer in enumerate(cache.layers):
-            shape = list(parts[0][index][0].shape)
-            shape[0], shape[-2] = len(rows), width - 1
-            keys = parts[0][index][0].new_zeros(shape)
-            values = parts[0][index][1].new_zeros(shape[:-1] + [parts[0][index][1].shape[-1]])
-            for number, chunk_layers in enumerate(parts):
-                chunk_keys, chunk_values = chunk_layers[index]
-                rows_slice = slice(number * PREFILL_ROWS, number * PREFILL_ROWS + chunk_keys.shape[0])
-                keys[rows_slice, :, width - 1 - chunk_keys.shape[-2] :] = chunk_keys
-                values[rows_slice, :, width - 1 - chunk_values.shape[-2] :] = chunk_values
-                chunk_layers[index] = None  # freed as we go: peak memory ~ one extra layer
+            keys = torch.cat([widen(chunk[index][0]) for chunk in parts])
+            values = torch.cat([widen(chunk[index][1]) for chunk in parts])
+            for chunk in parts:
+                chunk[index] = None  # freed as we go: peak memory ~ one extra layer
             layer.update(keys, values)
 
     def _to_sample(self, tokens: list[int], eos_ids: set[int], params: SamplingParams) -> Sample:

@@ -43,7 +43,9 @@ def register_attention() -> None:
     _registered = True
 
 
-def _gqa_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+def _gqa_sdpa_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     """transformers' ``sdpa`` forward, with grouped-query heads left to the kernel on CPU."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -61,7 +63,15 @@ def _gqa_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     )
     if plain:
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -206,7 +216,11 @@ def pack_linears(model: Any, batch_hint: int = 64) -> int:
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
+            if (
+                type(child) is torch.nn.Linear
+                and child.weight.dtype == torch.float32
+                and child.weight.device.type == "cpu"
+            ):
                 setattr(module, name, PackedLinear(child))
                 count += 1
     return count
