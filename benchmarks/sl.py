@@ -55,7 +55,7 @@ def main() -> None:
 
     from cai.backends.hf import HFBackend
     from cai.config import load_config
-    from cai.stages.base import StageContext
+    from cai.stages.context import StageContext
     from cai.stages.sl import run_sl
 
     with tempfile.TemporaryDirectory() as run_dir:

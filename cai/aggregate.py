@@ -23,6 +23,12 @@ Conventions used throughout, chosen so results are reproducible and free of posi
   in sums (0.1 + 0.2 != 0.3) cannot turn a tie into a win; true ties go to the lower index, the
   only deterministic choice that needs no extra information.
 * A probability within ``TIE_TOL`` of 0.5 is "no preference", for the same reason.
+* Only **verdicts** count as opinions (`cai.verdict`): a judgement whose two presentation orders
+  disagreed, or agreed too weakly, is kept for the soft label but is not a vote. A
+  ``PrincipleVote`` says which of its entries are verdicts (``verdicts``); rules, agreement,
+  contested flags and decisive principles see verdicts only. A label without any verdict has no
+  signal: its ranking is then the paper's mean over every answered probability, and nothing in it
+  is contested or decisive.
 * A ballot (a principle's ranking, used by Borda, Copeland, Kemeny and ranked pairs) keeps the
   principle's ties. ``principle_ranking`` must return a strict list and breaks ties by index
   for display, but that tie-break is not an opinion of the judge; counting it as one would give
@@ -38,6 +44,8 @@ from collections.abc import Callable, Sequence
 from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, model_validator
+
+from cai.verdict import TIE_TOL, side
 
 __all__ = [
     "COMPLEMENT_TOL",
@@ -58,9 +66,6 @@ __all__ = [
 
 COMPLEMENT_TOL = 1e-6
 """How far prefs[i][j] + prefs[j][i] may stray from 1: judges emit rounded probabilities."""
-
-TIE_TOL = 1e-9
-"""A probability this close to 0.5 casts no vote; a share this close to a threshold is at it."""
 
 SCORE_DECIMALS = 9
 """Scores, margins and distances are compared at this many decimals, so float noise never
@@ -91,6 +96,8 @@ class PrincipleVote(BaseModel):
     principle_id: str
     weight: float
     prefs: list[list[float | None]]
+    verdicts: list[list[bool]] | None = None
+    """Which answered entries are verdicts (both orders agree, clear of the margin); None: all are."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -124,7 +131,35 @@ class PrincipleVote(BaseModel):
                         f"{self.principle_id}: prefs[{i}][{j}]={p} and prefs[{j}][{i}]={q} are not "
                         f"complementary (sum {p + q}, tolerance {COMPLEMENT_TOL})"
                     )
+        if self.verdicts is not None:
+            if len(self.verdicts) != k or any(len(row) != k for row in self.verdicts):
+                raise ValueError(f"{self.principle_id}: verdicts must be a K x K matrix like prefs")
+            for i in range(k):
+                for j in range(k):
+                    if self.verdicts[i][j] != self.verdicts[j][i]:
+                        raise ValueError(f"{self.principle_id}: verdicts[{i}][{j}] and [{j}][{i}] differ")
+                    if self.verdicts[i][j] and (i == j or self.prefs[i][j] is None):
+                        raise ValueError(
+                            f"{self.principle_id}: verdicts[{i}][{j}] marks a verdict where "
+                            "nothing was answered"
+                        )
         return self
+
+    def counted(self) -> Self:
+        """The same vote with every entry that is not a verdict turned into an abstention."""
+        if self.verdicts is None:
+            return self
+        k = len(self.prefs)
+        prefs = [
+            [self.prefs[i][j] if i == j or self.verdicts[i][j] else None for j in range(k)] for i in range(k)
+        ]
+        return PrincipleVote(principle_id=self.principle_id, weight=self.weight, prefs=prefs)
+
+    @property
+    def has_verdict(self) -> bool:
+        if self.verdicts is None:
+            return any(p is not None for i, row in enumerate(self.prefs) for j, p in enumerate(row) if i != j)
+        return any(any(row) for row in self.verdicts)
 
 
 class RuleOutcome(BaseModel):
@@ -151,12 +186,13 @@ class RuleOutcome(BaseModel):
 
 
 class DerivedPair(BaseModel):
-    """One (chosen, rejected) training pair with the evidence behind it, as written to audit rows.
+    """One (chosen, rejected) pair with the evidence behind it, as written to audit rows.
 
-    ``soft_label`` is the weighted mean of P(chosen better) over principles that did not abstain
-    (a principle at exactly 0.5 did answer, so it is in the mean). It can fall below 0.5 when a
-    ranking rule, not the mean, put ``chosen`` first; it is still the honest probability to train
-    on.
+    ``soft_label`` is the weighted mean of P(chosen better) over the principles with a verdict on
+    the pair; when none has one, over every principle that answered (the paper's average, which
+    then carries no verdict); 0.5 when nobody answered. It can fall below 0.5 when a rule other
+    than the mean, or the mean over K > 2 responses, put ``chosen`` first against the pair's own
+    probabilities: a *rule conflict*, which is always contested and never a training row.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -170,6 +206,16 @@ class DerivedPair(BaseModel):
     contested: bool
     decisive: list[str]
 
+    @property
+    def has_verdict(self) -> bool:
+        """Some principle gave a verdict on this very pair (agree and disagree count verdicts only)."""
+        return self.agree_weight + self.disagree_weight > 0
+
+    @property
+    def rule_conflict(self) -> bool:
+        """The rule ranked ``chosen`` first although the pair's probability favours ``rejected``."""
+        return self.soft_label < 0.5 - TIE_TOL
+
 
 class Aggregate(BaseModel):
     """The collective label for one prompt, with what an auditor needs to trust or question it."""
@@ -181,7 +227,8 @@ class Aggregate(BaseModel):
     scores: list[float]
     pairs: list[DerivedPair]
     contested: bool
-    principle_agreement: float
+    principle_agreement: float | None
+    has_verdict: bool = True
 
 
 Rule = Callable[[list[PrincipleVote]], RuleOutcome]
@@ -221,13 +268,6 @@ def _pref(vote: PrincipleVote, i: int, j: int) -> float | None:
         return vote.prefs[i][j]
     p = vote.prefs[j][i]
     return None if p is None else 1.0 - p
-
-
-def _side(p: float | None) -> int:
-    """+1 if the first response is preferred, -1 if the second, 0 for abstention or indifference."""
-    if p is None or abs(p - 0.5) <= TIE_TOL:
-        return 0
-    return 1 if p > 0.5 else -1
 
 
 def _expected_wins(vote: PrincipleVote) -> list[float]:
@@ -342,7 +382,7 @@ def majority_rule(votes: list[PrincipleVote]) -> RuleOutcome:
     k = _check_votes(votes)
     scores = [0.0] * k
     for i, j in itertools.combinations(range(k), 2):
-        margin = sum(v.weight * _side(_pref(v, i, j)) for v in votes)
+        margin = sum(v.weight * side(_pref(v, i, j)) for v in votes)
         if _q(margin) > 0:
             scores[i] += 1.0
         elif _q(margin) < 0:
@@ -508,7 +548,7 @@ def _largest_contributors(votes: Sequence[PrincipleVote], chosen: int, rejected:
     contributions: list[tuple[float, str]] = []
     for vote in votes:
         p = _pref(vote, chosen, rejected)
-        if p is not None and _side(p) > 0:
+        if p is not None and side(p) > 0:
             contributions.append((vote.weight * abs(p - 0.5), vote.principle_id))
     if not contributions:
         return []
@@ -545,38 +585,52 @@ def _decisive(
     return pivotal or _largest_contributors(votes, chosen, rejected)
 
 
+def _mean_pref(votes: Sequence[PrincipleVote], chosen: int, rejected: int) -> float | None:
+    """Weighted mean P(chosen better) over the votes that answered the pair (None if none did)."""
+    answered = [(v.weight, p) for v in votes if (p := _pref(v, chosen, rejected)) is not None]
+    total = sum(w for w, _ in answered)
+    return sum(w * p for w, p in answered) / total if total > 0 else None
+
+
 def _derived_pair(
-    votes: Sequence[PrincipleVote],
+    counted: Sequence[PrincipleVote],
+    answered: Sequence[PrincipleVote],
     chosen: int,
     rejected: int,
     rankings_without: Sequence[list[int]],
     contested_threshold: float,
 ) -> DerivedPair:
-    """Collect the evidence for one pair: who agreed, who did not, and who tipped it."""
-    agree = disagree = abstain = weighted_sum = answered_weight = 0.0
-    for vote in votes:
-        p = _pref(vote, chosen, rejected)
-        if p is not None:
-            weighted_sum += vote.weight * p
-            answered_weight += vote.weight
-        side = _side(p)
-        if side > 0:
+    """Collect the evidence for one pair: who agreed, who did not, and who tipped it.
+
+    `counted` holds verdicts only (everything else abstains); `answered` every probability, for
+    the soft label of a pair on which no principle has a verdict.
+    """
+    agree = disagree = abstain = 0.0
+    for vote in counted:
+        direction = side(_pref(vote, chosen, rejected))
+        if direction > 0:
             agree += vote.weight
-        elif side < 0:
+        elif direction < 0:
             disagree += vote.weight
         else:
             abstain += vote.weight
     opinionated = agree + disagree
-    contested = opinionated > 0 and disagree / opinionated >= contested_threshold - TIE_TOL
+    soft = (
+        _mean_pref(counted, chosen, rejected) if opinionated > 0 else _mean_pref(answered, chosen, rejected)
+    )
+    soft = 0.5 if soft is None else soft
+    contested = opinionated > 0 and (
+        disagree / opinionated >= contested_threshold - TIE_TOL or soft < 0.5 - TIE_TOL
+    )
     return DerivedPair(
         chosen=chosen,
         rejected=rejected,
-        soft_label=weighted_sum / answered_weight if answered_weight > 0 else 0.5,
+        soft_label=soft,
         agree_weight=agree,
         disagree_weight=disagree,
         abstain_weight=abstain,
         contested=contested,
-        decisive=_decisive(votes, chosen, rejected, rankings_without, opinionated > 0),
+        decisive=_decisive(counted, chosen, rejected, rankings_without, opinionated > 0),
     )
 
 
@@ -598,23 +652,27 @@ def aggregate(
 
     How to read the result:
 
-    * ``ranking``/``scores`` come from the named rule (``RULES[rule]``).
-    * Each derived pair reports the weight of principles that preferred ``chosen``
-      (``agree_weight``), preferred ``rejected`` (``disagree_weight``), or abstained or judged
-      exactly 0.5 (``abstain_weight``). It is ``contested`` when
-      disagree / (agree + disagree) >= ``contested_threshold`` (never when both are 0).
+    * Only verdicts count (``PrincipleVote.verdicts``; every answered entry when it is None).
+      ``ranking``/``scores`` come from the named rule (``RULES[rule]``) over the verdicts. A label
+      with no verdict at all (``has_verdict`` False) carries no signal: its ranking is then the
+      paper's mean over every answered probability, and none of its pairs is contested or has a
+      decisive principle.
+    * Each derived pair reports the weight of principles whose verdict preferred ``chosen``
+      (``agree_weight``), preferred ``rejected`` (``disagree_weight``), or that gave no verdict on
+      it (``abstain_weight``). It is ``contested`` when it has verdicts and either
+      disagree / (agree + disagree) >= ``contested_threshold`` or its soft label favours
+      ``rejected`` (a rule conflict, see ``DerivedPair``).
     * ``decisive`` names the principles that shaped the pair. A principle is decisive when
       re-running the same rule without it would no longer rank ``chosen`` above ``rejected``
       (listed in input order). When no single principle is decisive, as in a broad consensus,
-      the list instead holds the largest contributors: principles that preferred ``chosen``,
-      ordered by weight * |p - 0.5| descending, keeping the fewest whose contributions add up to
-      more than half of all agreeing contributions (at least one, plus any tied with the last
-      one kept). It is empty when no principle expressed a preference on the pair, since naming
-      one would suggest it judged a pair it did not; with a single principle, nothing can be
-      removed, so the contributor list is reported.
-    * ``principle_agreement`` is the weighted share of (principle, derived pair) preferences that
-      agree with the collective direction, abstentions excluded; 1.0 when unanimous or when no
-      principle expressed any preference.
+      the list instead holds the largest contributors: principles whose verdict preferred
+      ``chosen``, ordered by weight * |p - 0.5| descending, keeping the fewest whose
+      contributions add up to more than half of all agreeing contributions (at least one, plus
+      any tied with the last one kept). It is empty when no principle gave a verdict on the pair,
+      since naming one would suggest it judged a pair it did not; with a single principle,
+      nothing can be removed, so the contributor list is reported.
+    * ``principle_agreement`` is the weighted share of (principle, derived pair) verdicts that
+      agree with the collective direction; None when there is no verdict on any derived pair.
 
     Principle ids must be unique, since ``decisive`` refers to principles by id.
     """
@@ -626,16 +684,22 @@ def aggregate(
         raise ValueError(f"unknown rule {rule!r}; known rules: {', '.join(sorted(RULES))}")
     if not 0.0 < contested_threshold <= 1.0:
         raise ValueError(f"contested_threshold must be in (0, 1], got {contested_threshold}")
-    fn = RULES[rule]
-    outcome = _run_rule(rule, fn, votes, k)
-    if len(votes) == 1:
-        rankings_without = [outcome.ranking]  # nothing to remove it against: never pivotal
-    else:
-        rankings_without = [
-            _run_rule(rule, fn, votes[:n] + votes[n + 1 :], k).ranking for n in range(len(votes))
-        ]
+    counted = [v.counted() for v in votes]
+    has_verdict = any(v.has_verdict for v in counted)
+    if has_verdict:
+        fn = RULES[rule]
+        outcome = _run_rule(rule, fn, counted, k)
+        if len(counted) == 1:
+            rankings_without = [outcome.ranking]  # nothing to remove it against: never pivotal
+        else:
+            rankings_without = [
+                _run_rule(rule, fn, counted[:n] + counted[n + 1 :], k).ranking for n in range(len(counted))
+            ]
+    else:  # no opinion anywhere: the paper's mean of the answered probabilities, nothing decisive
+        outcome = mean_rule(votes)
+        rankings_without = [outcome.ranking] * len(votes)
     derived = [
-        _derived_pair(votes, chosen, rejected, rankings_without, contested_threshold)
+        _derived_pair(counted, votes, chosen, rejected, rankings_without, contested_threshold)
         for chosen, rejected in derive_pairs(outcome.ranking, pairs)
     ]
     agreeing = sum(p.agree_weight for p in derived)
@@ -646,5 +710,6 @@ def aggregate(
         scores=outcome.scores,
         pairs=derived,
         contested=any(p.contested for p in derived),
-        principle_agreement=agreeing / opinionated if opinionated > 0 else 1.0,
+        principle_agreement=agreeing / opinionated if opinionated > 0 else None,
+        has_verdict=has_verdict,
     )

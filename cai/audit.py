@@ -11,9 +11,10 @@ answers are reproducible from files alone and never depend on re-running a judge
 Everything here is a pure function of a list of rows except `load_audit`, so the CLI, the HTML
 report (`cai.report`) and notebooks share one set of definitions:
 
-* a principle **agrees** on a derived pair when it preferred ``chosen``, **disagrees** when it
-  preferred ``rejected``; abstaining or judging within ``TIE_TOL`` of 0.5 is neither, the same
-  reading `cai.aggregate` uses for agree/disagree weights;
+* a principle **agrees** on a derived pair when its *verdict* preferred ``chosen``, **disagrees**
+  when its verdict preferred ``rejected``; a reading without a verdict (abstained, position
+  inconsistent, below the margin; see `cai.verdict`) is neither, the same reading
+  `cai.aggregate` uses for agree/disagree weights. Influence tables count verdicts only;
 * a principle is **decisive** on a label when a derived pair lists it (see
   `cai.aggregate.aggregate` for when that is pivotal and when it means "largest contributor");
 * **position consistency** of one (principle, pair) vote is recorded by the judge; votes where
@@ -30,13 +31,15 @@ from typing import TYPE_CHECKING
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cai.aggregate import SCORE_DECIMALS, TIE_TOL, DerivedPair
+from cai.aggregate import SCORE_DECIMALS, DerivedPair
 from cai.records import LabelAudit, OrderVote, PairVote
+from cai.verdict import NO_VERDICT_REASONS
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from cai.constitution import Constitution
+    from cai.gate import JudgeCheck
 
 __all__ = [
     "AUDIT_FILE",
@@ -54,6 +57,7 @@ __all__ = [
     "judge_quality",
     "label_view",
     "load_audit",
+    "load_gate",
     "principle_influence",
     "print_contested",
     "print_influence",
@@ -84,11 +88,12 @@ EXCERPT_CHARS = 160
 def audit_file(path: Path) -> Path:
     """Resolve a JSONL file, a label stage folder or a run directory to the audit rows file.
 
-    A run directory can hold several label folders (one per config); the one named by
-    ``label/LATEST`` is what the last ``cai label`` produced, which is what a user auditing
-    "this run" means.
+    A run directory can hold several label folders (one per config). Which one is meant is never
+    guessed from what was written last: a run directory with one finished label folder resolves
+    to it; with several, to the one its `manifest.json` (written by `cai run`) names, and
+    otherwise it is an error listing them (pass the folder, or `cai audit -c CONFIG`).
     """
-    from cai.store import latest
+    import orjson
 
     path = Path(path)
     if path.is_file():
@@ -97,19 +102,38 @@ def audit_file(path: Path) -> Path:
         raise FileNotFoundError(f"{path} does not exist (expected a run directory or an {AUDIT_FILE} file)")
     if (path / AUDIT_FILE).is_file():
         return path / AUDIT_FILE
-    store = latest(path, LABEL_STAGE)
-    if store is None:
+    folders = sorted(p.parent for p in (path / LABEL_STAGE).glob(f"*/{AUDIT_FILE}"))
+    if not folders:
         raise FileNotFoundError(
-            f"{path} has no label stage ({path / LABEL_STAGE / 'LATEST'} is missing or stale); "
-            f"run the label stage first, or pass an {AUDIT_FILE} file"
+            f"{path} has no finished label stage (no {LABEL_STAGE}/*/{AUDIT_FILE}); run the label stage "
+            f"first, or pass an {AUDIT_FILE} file"
         )
-    file = store.path / AUDIT_FILE
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{file} is missing (label stage status: {store.manifest.status}); audit rows are "
-            "written when the stage finishes"
-        )
-    return file
+    if len(folders) == 1:
+        return folders[0] / AUDIT_FILE
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        named = orjson.loads(manifest.read_bytes()).get("stages", {}).get(LABEL_STAGE, {}).get("path")
+        if named and (Path(named) / AUDIT_FILE).is_file():
+            return Path(named) / AUDIT_FILE
+    listing = ", ".join(str(f) for f in folders)
+    raise FileNotFoundError(
+        f"{path} holds {len(folders)} label folders ({listing}); pass one of them, or the config "
+        "that made it (`cai audit -c CONFIG`)"
+    )
+
+
+def load_gate(path: Path) -> tuple[JudgeCheck | None, list[str]]:
+    """The judge gate recorded next to an audit file (its stage's manifest), and its failures."""
+    from cai.gate import GateResult
+
+    manifest = audit_file(path).parent / "manifest.json"
+    if not manifest.is_file():
+        return None, []
+    gate = orjson.loads(manifest.read_bytes()).get("summary", {}).get("gate")
+    if not gate:
+        return None, []
+    result = GateResult.model_validate(gate)
+    return result.check, result.failures
 
 
 def load_audit(path: Path) -> list[LabelAudit]:
@@ -136,13 +160,6 @@ def load_audit(path: Path) -> list[LabelAudit]:
 # --------------------------------------------------------------------------------------------
 
 
-def _side(p: float | None) -> int:
-    """+1 prefers the first response of the pair read, -1 the second, 0 no preference."""
-    if p is None or abs(p - 0.5) <= TIE_TOL:
-        return 0
-    return 1 if p > 0.5 else -1
-
-
 def _order_p_i(vote: OrderVote) -> float | None:
     """P(response i better) in one order: option A is i in order ab, j in order ba."""
     if vote.abstained or vote.error is not None or len(vote.probs) != 2:
@@ -155,6 +172,13 @@ def _p_for(vote: PairVote, chosen: int, rejected: int) -> float | None:
     if vote.p_i_better is None:
         return None
     return vote.p_i_better if (vote.i, vote.j) == (chosen, rejected) else 1.0 - vote.p_i_better
+
+
+def _verdict_side(vote: PairVote | None, chosen: int) -> int:
+    """+1 when the vote's verdict is for `chosen`, -1 against it, 0 without a verdict."""
+    if vote is None or vote.verdict is None:
+        return 0
+    return 1 if vote.verdict == chosen else -1
 
 
 def _votes_on(row: LabelAudit, chosen: int, rejected: int) -> dict[str, PairVote]:
@@ -199,11 +223,13 @@ class VoteView(_View):
     combined: float | None
     position_consistent: bool | None
     abstained: bool
+    verdict: int | None
+    no_verdict: str | None
     reasoning: str | None
 
 
 class PairView(_View):
-    """A derived (chosen, rejected) pair and who was for it, against it, or silent."""
+    """A derived (chosen, rejected) pair: whose verdict was for it, against it, and who had none."""
 
     chosen: int
     rejected: int
@@ -212,7 +238,8 @@ class PairView(_View):
     decisive: list[str]
     agree: list[str]
     disagree: list[str]
-    abstain: list[str]
+    no_verdict: list[str]
+    training: str
 
 
 class LabelView(_View):
@@ -226,20 +253,21 @@ class LabelView(_View):
     ranking: list[int]
     scores: list[float]
     contested: bool
-    principle_agreement: float
+    has_verdict: bool
+    principle_agreement: float | None
+    min_margin: float
     cot: bool
     judge_model_id: str
     votes: list[VoteView]
     pairs: list[PairView]
 
 
-def _pair_view(row: LabelAudit, pair: DerivedPair) -> PairView:
-    """Sort the row's principles into for / against / silent on one derived pair."""
+def _pair_view(row: LabelAudit, pair: DerivedPair, training: str) -> PairView:
+    """Sort the row's principles into verdict for / verdict against / no verdict on one pair."""
     on_pair = _votes_on(row, pair.chosen, pair.rejected)
     sides: dict[int, list[str]] = {1: [], -1: [], 0: []}
     for principle in row.principles:
-        vote = on_pair.get(principle)
-        sides[0 if vote is None else _side(_p_for(vote, pair.chosen, pair.rejected))].append(principle)
+        sides[_verdict_side(on_pair.get(principle), pair.chosen)].append(principle)
     return PairView(
         chosen=pair.chosen,
         rejected=pair.rejected,
@@ -248,8 +276,13 @@ def _pair_view(row: LabelAudit, pair: DerivedPair) -> PairView:
         decisive=list(pair.decisive),
         agree=sides[1],
         disagree=sides[-1],
-        abstain=sides[0],
+        no_verdict=sides[0],
+        training=training,
     )
+
+
+def _pair_views(row: LabelAudit) -> list[PairView]:
+    return [_pair_view(row, pair, use) for pair, use in zip(row.pairs, row.training, strict=True)]
 
 
 def label_view(row: LabelAudit) -> LabelView:
@@ -269,10 +302,12 @@ def label_view(row: LabelAudit) -> LabelView:
                 combined=vote.p_i_better,
                 position_consistent=vote.position_consistent,
                 abstained=vote.p_i_better is None,
+                verdict=vote.verdict,
+                no_verdict=vote.no_verdict,
                 reasoning=_excerpt(reasoning),
             )
         )
-    pairs = [_pair_view(row, pair) for pair in row.pairs]
+    pairs = _pair_views(row)
     return LabelView(
         label_id=row.label_id,
         row_id=row.row_id,
@@ -282,7 +317,9 @@ def label_view(row: LabelAudit) -> LabelView:
         ranking=list(row.outcome.ranking),
         scores=list(row.outcome.scores),
         contested=row.contested,
+        has_verdict=row.has_verdict,
         principle_agreement=row.principle_agreement,
+        min_margin=row.min_margin,
         cot=row.cot,
         judge_model_id=row.judge_model_id,
         votes=votes,
@@ -362,11 +399,13 @@ def filter_labels(
 
 
 class PrincipleInfluence(_View):
-    """How one principle shaped the labels it took part in.
+    """How one principle shaped the labels it took part in, counting its verdicts only.
 
-    Counts are of labels; strength and consistency are over the principle's pair votes.
-    ``disagreement_rate`` divides by labels where it expressed a preference on some derived pair,
-    so a principle that mostly abstains is not credited with agreeing.
+    Counts of labels: taken part, decisive on, gave a verdict on a derived pair (`opinionated`),
+    gave a verdict against the label (`disagreed`). Counts of (pair) readings: `verdicts`,
+    `no_verdicts` (abstained, position-inconsistent or below the margin), of which `abstentions`.
+    ``disagreement_rate`` divides by opinionated labels, so a principle that seldom commits is
+    not credited with agreeing; strength is |p - 0.5| over its verdicts.
     """
 
     principle_id: str
@@ -375,12 +414,24 @@ class PrincipleInfluence(_View):
     opinionated: int
     disagreed: int
     disagreement_rate: float | None
+    verdicts: int
+    no_verdicts: int
     abstentions: int
     mean_strength: float | None
     position_consistency: float | None
 
 
-_COUNTS = ("labels", "decisive", "opinionated", "disagreed", "abstentions", "consistent", "known")
+_COUNTS = (
+    "labels",
+    "decisive",
+    "opinionated",
+    "disagreed",
+    "verdicts",
+    "no_verdicts",
+    "abstentions",
+    "consistent",
+    "known",
+)
 
 
 def principle_influence(rows: Iterable[LabelAudit]) -> list[PrincipleInfluence]:
@@ -389,7 +440,7 @@ def principle_influence(rows: Iterable[LabelAudit]) -> list[PrincipleInfluence]:
     strengths: dict[str, list[float]] = {}
     for row in rows:
         decided = _decisive_ids(row)
-        views = [_pair_view(row, pair) for pair in row.pairs]
+        views = _pair_views(row)
         for principle in row.principles:
             s = stats.setdefault(principle, dict.fromkeys(_COUNTS, 0))
             s["labels"] += 1
@@ -398,10 +449,12 @@ def principle_influence(rows: Iterable[LabelAudit]) -> list[PrincipleInfluence]:
             s["disagreed"] += any(principle in v.disagree for v in views)
         for vote in row.votes:
             s = stats.setdefault(vote.principle_id, dict.fromkeys(_COUNTS, 0))
-            if vote.p_i_better is None:
-                s["abstentions"] += 1
+            s["abstentions"] += vote.p_i_better is None
+            if vote.verdict is None:
+                s["no_verdicts"] += 1
             else:
-                strengths.setdefault(vote.principle_id, []).append(abs(vote.p_i_better - 0.5))
+                s["verdicts"] += 1
+                strengths.setdefault(vote.principle_id, []).append(abs((vote.p_i_better or 0.5) - 0.5))
             if vote.position_consistent is not None:
                 s["known"] += 1
                 s["consistent"] += vote.position_consistent
@@ -413,6 +466,8 @@ def principle_influence(rows: Iterable[LabelAudit]) -> list[PrincipleInfluence]:
             opinionated=s["opinionated"],
             disagreed=s["disagreed"],
             disagreement_rate=s["disagreed"] / s["opinionated"] if s["opinionated"] else None,
+            verdicts=s["verdicts"],
+            no_verdicts=s["no_verdicts"],
             abstentions=s["abstentions"],
             mean_strength=sum(strengths[pid]) / len(strengths[pid]) if strengths.get(pid) else None,
             position_consistency=s["consistent"] / s["known"] if s["known"] else None,
@@ -432,10 +487,10 @@ class ContestedPair(PairView):
 def contested_labels(rows: Iterable[LabelAudit]) -> list[ContestedPair]:
     """Every contested derived pair, in input order (a K>2 label can contribute several)."""
     return [
-        ContestedPair(label_id=row.label_id, row_id=row.row_id, **_pair_view(row, pair).model_dump())
+        ContestedPair(label_id=row.label_id, row_id=row.row_id, **view.model_dump())
         for row in rows
-        for pair in row.pairs
-        if pair.contested
+        for view in _pair_views(row)
+        if view.contested
     ]
 
 
@@ -452,12 +507,17 @@ def soft_label_histogram(values: Sequence[float], bins: int = 10) -> list[int]:
 
 
 class JudgeQuality(_View):
-    """Run-level signals of how trustworthy the AI labels are."""
+    """Run-level signals of how far the AI labels can be trusted."""
 
     labels: int
+    labels_with_verdict: int
     derived_pairs: int
+    training_rows: int
+    pairs_by_use: dict[str, int]
     contested_labels: int
     comparisons: int
+    verdicts: int
+    no_verdict: dict[str, int]
     position_known: int
     position_consistent: int
     position_consistency: float | None
@@ -467,28 +527,45 @@ class JudgeQuality(_View):
     soft_labels: list[float]
     soft_label_histogram: list[int]
 
+    @property
+    def mostly_without_verdict(self) -> bool:
+        """Most labels carry no verdict: the labels' soft values are noise, not preferences."""
+        return self.labels > 0 and self.labels_with_verdict * 2 < self.labels
+
 
 def judge_quality(rows: Sequence[LabelAudit]) -> JudgeQuality:
-    """Position consistency, agreement, abstentions and the soft-label distribution.
+    """Verdicts, position consistency, agreement, abstentions and the soft-label distribution.
 
     Position consistency is the share of (principle, pair) comparisons that prefer the same
     response in both orders; a judge far below 1 is answering "A" or "B" by position, and its
-    soft labels mean little. Abstained comparisons are excluded, not counted as inconsistent.
+    readings give no verdicts. Abstained comparisons are excluded, not counted as inconsistent.
+    Principle agreement is averaged over the labels that have verdicts.
     """
     votes = [v for row in rows for v in row.votes]
     known = [v.position_consistent for v in votes if v.position_consistent is not None]
     soft = [p.soft_label for row in rows for p in row.pairs]
+    agreement = [r.principle_agreement for r in rows if r.principle_agreement is not None]
+    uses: dict[str, int] = {}
+    for row in rows:
+        for use in row.training:
+            uses[use] = uses.get(use, 0) + 1
+    reasons = {reason: sum(v.no_verdict == reason for v in votes) for reason in NO_VERDICT_REASONS}
     return JudgeQuality(
         labels=len(rows),
+        labels_with_verdict=sum(row.has_verdict for row in rows),
         derived_pairs=len(soft),
+        training_rows=uses.get("row", 0),
+        pairs_by_use=uses,
         contested_labels=sum(row.contested for row in rows),
         comparisons=len(votes),
+        verdicts=sum(v.verdict is not None for v in votes),
+        no_verdict={k: v for k, v in reasons.items() if v},
         position_known=len(known),
         position_consistent=sum(known),
         position_consistency=sum(known) / len(known) if known else None,
         abstentions=sum(v.p_i_better is None for v in votes),
         abstained_orders=sum(o.abstained for v in votes for o in v.orders),
-        principle_agreement_mean=sum(r.principle_agreement for r in rows) / len(rows) if rows else None,
+        principle_agreement_mean=sum(agreement) / len(agreement) if agreement else None,
         soft_labels=soft,
         soft_label_histogram=soft_label_histogram(soft),
     )
@@ -511,8 +588,14 @@ def _yes_no(value: bool | None) -> str:
     return "–" if value is None else "yes" if value else "NO"
 
 
+def _verdict_cell(vote: VoteView) -> str:
+    if vote.verdict is not None:
+        return f"for {vote.verdict}"
+    return f"none ({vote.no_verdict})"
+
+
 def print_label(console: Console, view: LabelView) -> None:
-    """One label: prompt, responses, every vote in both orders, and the derived pairs."""
+    """One label: prompt, responses, every reading in both orders, and the derived pairs."""
     from rich.table import Table
     from rich.text import Text
 
@@ -522,15 +605,19 @@ def print_label(console: Console, view: LabelView) -> None:
         f"  row {view.row_id}  rule {view.rule}  ranking ",
         " > ".join(map(str, view.ranking)),
         ("  CONTESTED" if view.contested else "", "bold red"),
+        ("" if view.has_verdict else "  NO VERDICT (no signal)", "bold yellow"),
     )
     console.print(head)
     console.print(Text("prompt: ") + Text(view.prompt))
     for n, response in enumerate(view.responses):
         console.print(Text(f"  [{n}] ") + Text(_excerpt(response, 200) or ""))
     votes = Table(
-        title="votes (P(i better) with i shown first = ab, shown second = ba)", title_justify="left"
+        title="readings: P(i better) with i shown first (ab) and second (ba); "
+        f"verdict margin {view.min_margin:g}",
+        title_justify="left",
     )
-    for column in ("principle", "pair", "P ab", "P ba", "combined", "consistent", "reasoning"):
+    votes.add_column("principle", no_wrap=True)
+    for column in ("pair", "P ab", "P ba", "combined", "verdict", "reasoning"):
         votes.add_column(column, overflow="fold")
     for v in view.votes:
         votes.add_row(
@@ -539,63 +626,99 @@ def print_label(console: Console, view: LabelView) -> None:
             _fmt(v.p_ab),
             _fmt(v.p_ba),
             "abstained" if v.abstained else _fmt(v.combined),
-            _yes_no(v.position_consistent),
+            _verdict_cell(v),
             Text(v.reasoning or ""),
         )
     console.print(votes)
-    pairs = Table(
-        title=f"derived pairs (principle agreement {view.principle_agreement:.2f})", title_justify="left"
-    )
-    for column in ("chosen > rejected", "soft label", "contested", "decisive", "for", "against", "abstained"):
+    title = f"derived pairs (principle agreement {_fmt(view.principle_agreement, 2)})"
+    if _narrow(console):
+        console.print(Text(title, style="italic"))
+        for p in view.pairs:
+            _print_pair_block(console, f"{p.chosen} > {p.rejected}", p)
+        return
+    pairs = Table(title=title, title_justify="left")
+    for column in ("chosen > rejected", "soft label", "training", "contested", "decisive", "for", "against"):
         pairs.add_column(column, overflow="fold")
+    pairs.add_column("no verdict", overflow="fold")
     for p in view.pairs:
         pairs.add_row(
             f"{p.chosen} > {p.rejected}",
             _fmt(p.soft_label),
+            p.training,
             "yes" if p.contested else "no",
-            Text(", ".join(p.decisive)),
+            Text(", ".join(p.decisive) or "none"),
             Text(", ".join(p.agree)),
             Text(", ".join(p.disagree)),
-            Text(", ".join(p.abstain)),
+            Text(", ".join(p.no_verdict)),
         )
     console.print(pairs)
+
+
+NARROW = 120
+"""Below this many columns, tables whose cells list principle ids print one block per row
+instead, so ids are never cut or folded (an 80-column terminal shows every id whole)."""
+
+
+def _narrow(console: Console) -> bool:
+    return console.width < NARROW
+
+
+def _print_pair_block(console: Console, head: str, p: PairView) -> None:
+    """One derived pair as a few labelled lines; ids are joined by ", " so lines break between them."""
+    from rich.text import Text
+
+    flags = [p.training] + (["CONTESTED"] if p.contested else [])
+    console.print(Text.assemble((head, "bold"), f"  soft label {_fmt(p.soft_label)}  ", " · ".join(flags)))
+    for name, ids in (("decisive", p.decisive), ("for", p.agree), ("against", p.disagree)):
+        console.print(Text(f"  {name:<11}") + Text(", ".join(ids) or "none"))
+    console.print(Text(f"  {'no verdict':<11}") + Text(", ".join(p.no_verdict) or "none"))
 
 
 def print_influence(
     console: Console, influence: Sequence[PrincipleInfluence], constitution: Constitution | None = None
 ) -> None:
-    """Per-principle influence table; tags shown when the constitution is known."""
+    """Per-principle influence (verdicts only); ids are never cut, even at 80 columns."""
     from rich.table import Table
     from rich.text import Text
 
     tags = {p.id: ", ".join(p.tags) for p in constitution.principles} if constitution else {}
-    table = Table(title="principle influence", title_justify="left")
-    columns = [
-        "principle",
-        *(["tags"] if tags else []),
-        "labels",
-        "decisive",
-        "disagreed",
-        "disagree rate",
-        "abstained",
-        "mean |p-0.5|",
-        "position consistent",
-    ]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("principle", "tags") else "right")
+    title = "principle influence (verdicts only)"
+
+    def against(p: PrincipleInfluence) -> str:
+        return f"{p.disagreed} ({_pct(p.disagreement_rate)})" if p.opinionated else "–"
+
+    if _narrow(console):
+        console.print(Text(title, style="italic"))
+        for p in influence:
+            head = Text(p.principle_id, style="bold")
+            if tags:
+                head += Text(f"  [{tags.get(p.principle_id, '?')}]")
+            console.print(head)
+            console.print(
+                f"  labels {p.labels} · decisive {p.decisive} · against {against(p)} · verdicts {p.verdicts} "
+                f"· no verdict {p.no_verdicts} · |p-.5| {_fmt(p.mean_strength, 2)} "
+                f"· consistent {_pct(p.position_consistency)}",
+                highlight=False,
+            )
+        return
+    table = Table(title=title, title_justify="left")
+    table.add_column("principle", no_wrap=True)
+    if tags:
+        table.add_column("tags", overflow="fold")
+    for column in ("labels", "decisive", "against", "verdicts", "no verdict", "|p-.5|", "consistent"):
+        table.add_column(column, justify="right", overflow="fold")
     for p in influence:
-        cells = [
+        table.add_row(
             Text(p.principle_id),
             *([Text(tags.get(p.principle_id, "?"))] if tags else []),
             str(p.labels),
             str(p.decisive),
-            str(p.disagreed),
-            _pct(p.disagreement_rate),
-            str(p.abstentions),
-            _fmt(p.mean_strength),
+            against(p),
+            str(p.verdicts),
+            str(p.no_verdicts),
+            _fmt(p.mean_strength, 2),
             _pct(p.position_consistency),
-        ]
-        table.add_row(*cells)
+        )
     console.print(table)
 
 
@@ -604,39 +727,63 @@ def print_contested(console: Console, contested: Sequence[ContestedPair]) -> Non
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=f"contested pairs ({len(contested)})", title_justify="left")
-    for column in ("label", "chosen > rejected", "soft label", "for", "against", "abstained", "decisive"):
+    title = f"contested pairs ({len(contested)})"
+    if _narrow(console):
+        console.print(Text(title, style="italic"))
+        for c in contested:
+            _print_pair_block(console, f"{c.label_id}  {c.chosen} > {c.rejected}", c)
+        return
+    table = Table(title=title, title_justify="left")
+    table.add_column("label", no_wrap=True)
+    for column in ("pair", "soft", "for", "against", "decisive"):
         table.add_column(column, overflow="fold")
     for c in contested:
         table.add_row(
             Text(c.label_id),
             f"{c.chosen} > {c.rejected}",
-            _fmt(c.soft_label),
+            _fmt(c.soft_label, 2),
             Text(", ".join(c.agree)),
             Text(", ".join(c.disagree)),
-            Text(", ".join(c.abstain)),
             Text(", ".join(c.decisive)),
         )
     console.print(table)
 
 
-def print_quality(console: Console, quality: JudgeQuality) -> None:
-    """Run-level judge quality as a two-column table."""
+def print_quality(
+    console: Console, quality: JudgeQuality, gate: JudgeCheck | None = None, failures: Sequence[str] = ()
+) -> None:
+    """Run-level judge quality as a two-column table, gold agreement first when measured."""
     from rich.table import Table
 
     table = Table(title="judge quality", title_justify="left", show_header=False)
     table.add_column("figure")
-    table.add_column("value", justify="right")
-    for name, value in quality_items(quality):
+    table.add_column("value", justify="right", overflow="fold")
+    for name, value in quality_items(quality, gate):
         table.add_row(name, value)
     console.print(table)
+    for warning in quality_warnings(quality, failures):
+        console.print(f"[bold yellow]note[/] {warning}", highlight=False)
 
 
-def quality_items(q: JudgeQuality) -> list[tuple[str, str]]:
+def gold_item(gate: JudgeCheck | None) -> str:
+    if gate is None:
+        return "not measured (label.gold is null)"
+    return f"{gate.agreement:.2f} [{gate.ci[0]:.2f}, {gate.ci[1]:.2f}] on {gate.n} pairs"
+
+
+def quality_items(q: JudgeQuality, gate: JudgeCheck | None = None) -> list[tuple[str, str]]:
     """Shared by the terminal and HTML views so both say the same thing in the same words."""
+    reasons = ", ".join(f"{k} {v}" for k, v in q.no_verdict.items()) or "none"
+    uses = ", ".join(f"{k} {v}" for k, v in sorted(q.pairs_by_use.items()) if k != "row") or "none"
     return [
+        ("gold agreement (95% CI)", gold_item(gate)),
         ("labels", str(q.labels)),
-        ("derived pairs", str(q.derived_pairs)),
+        (
+            "labels with a verdict",
+            f"{q.labels_with_verdict} ({_pct(q.labels_with_verdict / q.labels if q.labels else None)})",
+        ),
+        ("training rows", f"{q.training_rows} of {q.derived_pairs} derived pairs (not rows: {uses})"),
+        ("verdicts", f"{q.verdicts} of {q.comparisons} comparisons (none: {reasons})"),
         (
             "contested labels",
             f"{q.contested_labels} ({_pct(q.contested_labels / q.labels if q.labels else None)})",
@@ -652,3 +799,15 @@ def quality_items(q: JudgeQuality) -> list[tuple[str, str]]:
         ),
         ("soft label mean", _fmt(sum(q.soft_labels) / len(q.soft_labels) if q.soft_labels else None)),
     ]
+
+
+def quality_warnings(q: JudgeQuality, failures: Sequence[str] = ()) -> list[str]:
+    """What a reader must know before trusting the labels, in plain words (terminal and report)."""
+    notes = []
+    if q.mostly_without_verdict:
+        notes.append(
+            f"{q.labels - q.labels_with_verdict} of {q.labels} labels had no verdict: their soft labels "
+            "are position bias or noise, and these labels carry no measurable signal"
+        )
+    notes += [f"the judge failed its gate: {failure}" for failure in failures]
+    return notes

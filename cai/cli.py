@@ -212,10 +212,10 @@ FreshOption = Annotated[bool, typer.Option(help="Discard this stage's output for
 
 def _context(config: str, overrides: list[str] | None):
     from cai.config import ConfigError, load_config
-    from cai.stages.base import StageContext
+    from cai.stages.context import StageContext
 
     try:
-        return StageContext(load_config(config, overrides or []), console)
+        return StageContext(load_config(config, overrides or []), console, config_source=config)
     except (ConfigError, FileNotFoundError) as exc:
         fail(str(exc))
 
@@ -223,6 +223,7 @@ def _context(config: str, overrides: list[str] | None):
 def _run_stage(config: str, overrides: list[str] | None, stage) -> None:
     """Run one stage function with clear errors for everything a user can fix."""
     from cai.constitution import ConstitutionError
+    from cai.gate import GoldError, JudgeGateError
     from cai.models import ModelNotFoundError
     from cai.prompts import TemplateError
     from cai.sources import PromptSourceError
@@ -234,6 +235,8 @@ def _run_stage(config: str, overrides: list[str] | None, stage) -> None:
         stage(ctx)
     except (
         ConstitutionError,
+        GoldError,
+        JudgeGateError,
         ModelNotFoundError,
         TemplateError,
         PromptSourceError,
@@ -264,7 +267,7 @@ def label(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = Fal
 @app.command("mix")
 def mix(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
     """Mix the AI harmlessness labels with human helpfulness preferences (for the PM)."""
-    from cai.stages.training import run_mix
+    from cai.stages.mix import run_mix
 
     _run_stage(config, set_, lambda ctx: run_mix(ctx, fresh=fresh))
 
@@ -272,7 +275,7 @@ def mix(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False
 @train_app.command("sft")
 def train_sft(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
     """Fine-tune the model on (prompt, final revision) from `cai generate sl` (full or LoRA)."""
-    from cai.stages.training import run_sft
+    from cai.stages.sft import run_sft
 
     _run_stage(config, set_, lambda ctx: run_sft(ctx, fresh=fresh))
 
@@ -280,7 +283,7 @@ def train_sft(config: ConfigOption, set_: SetOption = None, fresh: FreshOption =
 @train_app.command("pm")
 def train_pm(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
     """Train the preference model on the mix; report held-out, per-source accuracy and calibration."""
-    from cai.stages.training import run_pm
+    from cai.stages.pm import run_pm
 
     _run_stage(config, set_, lambda ctx: run_pm(ctx, fresh=fresh))
 
@@ -288,7 +291,7 @@ def train_pm(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = 
 @train_app.command("dpo")
 def train_dpo(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
     """DPO on the mixed preferences, from the SFT model (trl's DPOTrainer)."""
-    from cai.stages.training import run_dpo
+    from cai.stages.dpo import run_dpo
 
     _run_stage(config, set_, lambda ctx: run_dpo(ctx, fresh=fresh))
 
@@ -296,7 +299,7 @@ def train_dpo(config: ConfigOption, set_: SetOption = None, fresh: FreshOption =
 @train_app.command("rloo")
 def train_rloo(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
     """RLOO against the preference model, from the SFT model (trl's RLOOTrainer)."""
-    from cai.stages.training import run_rloo
+    from cai.stages.rloo import run_rloo
 
     _run_stage(config, set_, lambda ctx: run_rloo(ctx, fresh=fresh))
 
@@ -337,19 +340,22 @@ def report(
     output: Annotated[Path | None, typer.Option(help="HTML file (default: RUN_DIR/report.html).")] = None,
 ) -> None:
     """Write the self-contained HTML report of a run (audit plots, PPO curves, eval results)."""
-    from cai.stages.evaluation import write_run_report
+    from cai.stages.report import run_report
 
-    def write(ctx):
-        console.print(f"[green]report:[/] {write_run_report(ctx, output)}")
-
-    _run_stage(config, set_, write)
+    _run_stage(config, set_, lambda ctx: run_report(ctx, path=output))
 
 
 @app.command("audit")
 def audit(
     run_dir: Annotated[
-        Path, typer.Argument(help="A run directory, a label stage folder, or an audit.jsonl file.")
-    ],
+        Path | None,
+        typer.Argument(help="A run directory, a label stage folder, or an audit.jsonl file (or use -c)."),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", "-c", help="Audit the label stage of this config (its exact folder)."),
+    ] = None,
+    set_: SetOption = None,
     label: Annotated[
         str | None, typer.Option(help="Show one label in full (its label_id or row id).")
     ] = None,
@@ -363,13 +369,14 @@ def audit(
     html: Annotated[Path | None, typer.Option(help="Also write an HTML report of the selection.")] = None,
     limit: Annotated[int, typer.Option(help="Labels shown in full at most.")] = 5,
 ) -> None:
-    """Which principle shaped each label: votes in both orders, decisive principles, influence."""
+    """Which principle shaped each label: readings in both orders, verdicts, decisive principles."""
     from cai.audit import (
         contested_labels,
         filter_labels,
         judge_quality,
         label_view,
         load_audit,
+        load_gate,
         principle_influence,
         print_contested,
         print_influence,
@@ -378,8 +385,16 @@ def audit(
     )
     from cai.constitution import ConstitutionError, load_constitution
 
+    if (run_dir is None) == (config is None):
+        fail("give a run directory (or label folder, or audit.jsonl) or --config, not both and not neither")
+    if config is not None:
+        ctx = _context(config, set_)
+        run_dir = ctx.store("label").path
+        console.print(f"label stage of {config}: {run_dir}", highlight=False)
+    assert run_dir is not None
     try:
         rows = load_audit(run_dir)
+        gate, failures = load_gate(run_dir)
         name = constitution or (rows[0].constitution if rows else "harmless")
         cons = load_constitution(name) if (tag or constitution or rows) else None
         if cons is not None and rows and not constitution and cons.hash != rows[0].constitution_hash:
@@ -397,7 +412,7 @@ def audit(
             fail(f"no label {label!r} (label ids look like {rows[0].label_id!r})" if rows else "no labels")
         print_label(console, label_view(matches[0]))
         return
-    print_quality(console, judge_quality(selected))
+    print_quality(console, judge_quality(selected), gate, failures)
     print_influence(console, principle_influence(selected), cons)
     print_contested(console, contested_labels(selected))
     for row in selected[:limit] if (principle or tag or contested is not None) else []:
@@ -408,6 +423,8 @@ def audit(
         write_report(
             html,
             audit=selected,
+            gate=gate,
+            gate_failures=failures,
             ppo_history=None,
             eval_rows=None,
             pm_metrics=None,

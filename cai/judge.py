@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cai.aggregate import PrincipleVote, aggregate
+from cai.aggregate import Aggregate, PrincipleVote, aggregate
 from cai.backends.base import Backend, Chat, ChoiceScores, SamplingParams
 from cai.chats import (
     COMPARE_ANSWER_TEMPLATE,
@@ -38,8 +38,9 @@ from cai.chats import (
 )
 from cai.config import EngineConfig, Section
 from cai.constitution import Constitution, Principle, derive_seed, sample_principles
-from cai.records import LabelAudit, OrderVote, PairVote, PreferenceRow
+from cai.records import LabelAudit, OrderVote, PairVote, PreferenceRow, TrainingUse
 from cai.sources import PromptSource
+from cai.verdict import DEFAULT_MIN_MARGIN, two_order_verdict
 
 
 class PrincipleSelection(Section):
@@ -50,7 +51,11 @@ class PrincipleSelection(Section):
     )
     tags: list[str] = Field(default_factory=list, description="Only principles with any of these tags.")
     ids: list[str] = Field(default_factory=list, description="Only these principle ids.")
-    weighted: bool = Field(True, description="Sample by principle weight.")
+    weighted: bool = Field(
+        True,
+        description="Sample by principle weight. A weight is applied once: in the draw when principles "
+        "are sampled by weight, else (count: all, or weighted: false) in aggregation.",
+    )
 
 
 class ContestedPolicy(Section):
@@ -68,6 +73,27 @@ class ContestedPolicy(Section):
     )
     weight: float = Field(
         0.5, ge=0, le=1, description="Training weight of a contested pair under 'downweight'."
+    )
+
+
+class GateConfig(Section):
+    """The judge gate: measure the judge on human-labelled gold pairs before labelling."""
+
+    min_agreement: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="Least share of gold pairs whose label has a verdict for the human's choice.",
+    )
+    min_consistency: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Least position consistency on the gold pairs (same response preferred in both orders).",
+    )
+    action: Literal["warn", "halt"] = Field(
+        "warn",
+        description="A failing judge: warn and label anyway (the report says so), or halt before labelling.",
     )
 
 
@@ -99,6 +125,21 @@ class LabelConfig(Section):
         "best_worst", description="Training pairs from the collective ranking (K > 2)."
     )
     contested: ContestedPolicy = Field(default_factory=ContestedPolicy)
+    min_margin: float = Field(
+        DEFAULT_MIN_MARGIN,
+        ge=0,
+        lt=0.5,
+        description="A judgement is a verdict only when both orders prefer the same response and their "
+        "average is at least this far from 0.5 (0.05: above what bf16 vs fp32 moves a small judge; "
+        "see cai/verdict.py).",
+    )
+    no_verdict: Literal["drop", "keep"] = Field(
+        "drop",
+        description="Pairs no principle gave a verdict on carry no signal: drop them from training (kept in "
+        "the audit), or keep them with the paper's averaged probability. Fully abstained pairs are "
+        "always dropped.",
+    )
+    gate: GateConfig = Field(default_factory=GateConfig, description="Judge gate on the gold pairs.")
     cot: bool = Field(False, description="Chain-of-thought judging: reasoning first, then the scored answer.")
     cot_max_new_tokens: int = Field(96, ge=8, description="Reasoning length in chain-of-thought mode.")
     clamp: tuple[float, float] = Field(
@@ -108,7 +149,8 @@ class LabelConfig(Section):
     few_shot: int = Field(0, ge=0, description="Few-shot comparison examples from the constitution.")
     gold: str | None = Field(
         "gold_harmless.jsonl",
-        description="Human-labelled pairs to measure judge agreement on (null to skip).",
+        description="Human-labelled pairs the gate measures the judge on (a path, or a shipped file; null "
+        "skips the gate).",
     )
     chunk_size: int = Field(8, ge=1, description="Prompts processed and committed together.")
 
@@ -142,21 +184,30 @@ class Comparison:
     principle: Principle
     orders: dict[str, OrderVote] = field(default_factory=dict)
 
-    def combined(self) -> PairVote:
-        """Average P(i better) over the orders that did not abstain."""
-        usable = [o for o in self.orders.values() if not o.abstained]
-        p_i = [o.probs[0] if o.order == "ab" else o.probs[1] for o in usable]
+    def combined(self, min_margin: float, weighted: bool = True) -> PairVote:
+        """Average P(i better) over the orders that did not abstain; a verdict needs both (cai.verdict)."""
+
+        def p_i(order: str) -> float | None:
+            vote = self.orders.get(order)
+            if vote is None or vote.abstained:
+                return None
+            return vote.probs[0] if order == "ab" else vote.probs[1]
+
+        first, second = p_i("ab"), p_i("ba")
+        reading = two_order_verdict(first, second, min_margin)
         consistent = None
-        if len(p_i) == 2 and all(abs(p - 0.5) > 1e-9 for p in p_i):
-            consistent = (p_i[0] > 0.5) == (p_i[1] > 0.5)
+        if first is not None and second is not None and abs(first - 0.5) > 1e-9 and abs(second - 0.5) > 1e-9:
+            consistent = (first > 0.5) == (second > 0.5)
         return PairVote(
             principle_id=self.principle.id,
-            weight=self.principle.weight,
+            weight=self.principle.weight if weighted else 1.0,
             i=self.i,
             j=self.j,
             orders=[self.orders[k] for k in ("ab", "ba") if k in self.orders],
-            p_i_better=sum(p_i) / len(p_i) if p_i else None,
+            p_i_better=reading.p,
             position_consistent=consistent,
+            verdict=None if not reading.is_verdict else (self.i if reading.side > 0 else self.j),
+            no_verdict=reading.reason,
         )
 
 
@@ -186,11 +237,13 @@ def judge(
     config: LabelConfig,
     examples: Sequence = (),
     seed: int = 0,
+    weighted: bool = True,
 ) -> list[list[PairVote]]:
     """Judge every pair of every label under its principles, in both orders.
 
     Returns, per label, the combined votes of each (principle, pair). One `generate` call (CoT
-    only) and one `score_choices` call serve the whole batch of labels.
+    only) and one `score_choices` call serve the whole batch of labels. `weighted` False gives
+    every vote weight 1 (the weights were already applied when the principles were drawn).
     """
     comparisons: list[Comparison] = []
     for label, (candidates, chosen) in enumerate(zip(responses, principles, strict=True)):
@@ -241,7 +294,7 @@ def judge(
             comparison.orders[order] = _order_vote(order, scored[k], reasoning[k], band)
     per_label: list[list[PairVote]] = [[] for _ in responses]
     for comparison in comparisons:
-        per_label[comparison.label].append(comparison.combined())
+        per_label[comparison.label].append(comparison.combined(config.min_margin, weighted))
     return per_label
 
 
@@ -253,12 +306,26 @@ def principle_votes(pair_votes: Sequence[PairVote], k: int) -> list[PrincipleVot
     out = []
     for principle_id, votes in by_principle.items():
         prefs: list[list[float | None]] = [[0.5 if a == b else None for b in range(k)] for a in range(k)]
+        verdicts = [[False] * k for _ in range(k)]
         for vote in votes:
             if vote.p_i_better is not None:
                 prefs[vote.i][vote.j] = vote.p_i_better
                 prefs[vote.j][vote.i] = 1.0 - vote.p_i_better
-        out.append(PrincipleVote(principle_id=principle_id, weight=votes[0].weight, prefs=prefs))
+            if vote.verdict is not None:
+                verdicts[vote.i][vote.j] = verdicts[vote.j][vote.i] = True
+        out.append(
+            PrincipleVote(principle_id=principle_id, weight=votes[0].weight, prefs=prefs, verdicts=verdicts)
+        )
     return out
+
+
+def weighting(
+    constitution: Constitution, selection: PrincipleSelection
+) -> Literal["sampling", "aggregation"]:
+    """Where a principle's weight counts, so that it counts once: in the draw, or in aggregation."""
+    candidates = constitution.select(stages=["compare"], tags=selection.tags, ids=selection.ids)
+    drawn = selection.count != "all" and selection.count < len(candidates)
+    return "sampling" if drawn and selection.weighted else "aggregation"
 
 
 def choose_principles(
@@ -288,6 +355,35 @@ class LabelMeta:
     constitution_hash: str
     template_hashes: dict[str, str]
     config_hash: str
+    weighting: Literal["sampling", "aggregation"] = "aggregation"
+
+
+def label_outcome(votes: Sequence[PairVote], k: int, config: LabelConfig) -> Aggregate:
+    """The collective label of one prompt's votes under the config's rule (verdicts only)."""
+    return aggregate(principle_votes(votes, k), config.rule, config.pairs, config.contested.threshold)
+
+
+def training_use(
+    pair, responses: Sequence[str], votes: Sequence[PairVote], config: LabelConfig
+) -> TrainingUse:
+    """Whether a derived pair becomes a training row, and if not, why.
+
+    A row's `chosen` is always the response its probability favours: a pair whose rule and
+    probability disagree (a rule conflict) is not a row. Pairs without a verdict carry no signal
+    and are rows only under `no_verdict: keep`; pairs nobody answered never are.
+    """
+    if responses[pair.chosen].strip() == responses[pair.rejected].strip():
+        return "identical"  # identical texts teach a preference model nothing
+    on_pair = [v for v in votes if {v.i, v.j} == {pair.chosen, pair.rejected}]
+    if all(v.p_i_better is None for v in on_pair):
+        return "abstained"
+    if not pair.has_verdict and config.no_verdict == "drop":
+        return "no-verdict"
+    if pair.rule_conflict:
+        return "rule-conflict"
+    if pair.contested and config.contested.policy == "drop":
+        return "contested"
+    return "row"
 
 
 def build_label(
@@ -299,9 +395,9 @@ def build_label(
     meta: LabelMeta,
 ) -> tuple[LabelAudit, list[PreferenceRow]]:
     """Aggregate one label's votes; return its audit row and the preference rows it yields."""
-    k = len(responses)
-    result = aggregate(principle_votes(votes, k), config.rule, config.pairs, config.contested.threshold)
+    result = label_outcome(votes, len(responses), config)
     label_id = f"label:{row_id}"
+    uses = [training_use(pair, responses, votes, config) for pair in result.pairs]
     audit = LabelAudit(
         label_id=label_id,
         row_id=row_id,
@@ -312,8 +408,12 @@ def build_label(
         rule=config.rule,
         outcome={"rule": result.rule, "ranking": result.ranking, "scores": result.scores},
         pairs=result.pairs,
+        training=uses,
         contested=result.contested,
+        has_verdict=result.has_verdict,
         principle_agreement=result.principle_agreement,
+        min_margin=config.min_margin,
+        weighting=meta.weighting,
         judge_model_id=meta.judge_model_id,
         policy_model_id=meta.policy_model_id,
         cot=config.cot,
@@ -323,54 +423,22 @@ def build_label(
         config_hash=meta.config_hash,
     )
     rows = []
-    for pair in result.pairs:
-        chosen, rejected = responses[pair.chosen], responses[pair.rejected]
-        if chosen.strip() == rejected.strip():
-            continue  # identical texts teach a preference model nothing
-        if pair.contested and config.contested.policy == "drop":
+    for pair, use in zip(result.pairs, uses, strict=True):
+        if use != "row":
             continue
-        weight = (
-            config.contested.weight if pair.contested and config.contested.policy == "downweight" else 1.0
-        )
+        downweighted = pair.contested and config.contested.policy == "downweight"
         rows.append(
             PreferenceRow(
                 prompt=conversation,
-                chosen=[{"role": "assistant", "content": chosen}],
-                rejected=[{"role": "assistant", "content": rejected}],
+                chosen=[{"role": "assistant", "content": responses[pair.chosen]}],
+                rejected=[{"role": "assistant", "content": responses[pair.rejected]}],
                 source="ai-harmless",
                 label_id=label_id,
                 soft_label=pair.soft_label,
                 margin=margin_from_soft_label(pair.soft_label),
-                weight=weight,
+                weight=config.contested.weight if downweighted else 1.0,
                 contested=pair.contested,
+                verdict=pair.has_verdict,
             )
         )
     return audit, rows
-
-
-# --------------------------------------------------------------------------- judge quality
-
-
-def position_consistency(audits: Sequence[LabelAudit]) -> float | None:
-    """Share of (principle, pair) comparisons preferring the same response in both orders.
-
-    A judge that always answers (A) prefers i in one order and j in the other: it scores 0.
-    """
-    flags = [v.position_consistent for a in audits for v in a.votes if v.position_consistent is not None]
-    return sum(flags) / len(flags) if flags else None
-
-
-def judge_quality(audits: Sequence[LabelAudit], gold_agreement: float | None = None, gold_n: int = 0) -> dict:
-    abstained = sum(1 for a in audits for v in a.votes for o in v.orders if o.abstained)
-    comparisons = sum(len(v.orders) for a in audits for v in a.votes)
-    agreement = [a.principle_agreement for a in audits]
-    return {
-        "labels": len(audits),
-        "position_consistency": position_consistency(audits),
-        "principle_agreement": sum(agreement) / len(agreement) if agreement else None,
-        "contested_labels": sum(1 for a in audits if a.contested),
-        "abstentions": abstained,
-        "comparisons": comparisons,
-        "gold_agreement": gold_agreement,
-        "gold_n": gold_n,
-    }

@@ -3,70 +3,51 @@
     cai run configs/quickstart.yaml
 
 Stages run in order (SL generate -> SFT -> label -> mix -> PM -> PPO -> eval -> report by
-default; `stages:` in the config chooses). Each stage is keyed by its config and the hashes of
-its inputs, so a second run with the same config loads no model and makes no model call, and
-editing one principle re-runs the stages that depend on the constitution and everything
-downstream of them. The summary at the end answers the cost question: time and tokens per stage.
+default; `stages:` in the config chooses). Each stage is keyed by its config and the keys of
+the stages it reads, computed from the config: a second run with the same config loads no
+model and makes no model call, editing one principle re-runs the stages that depend on the
+constitution and everything downstream of them, and a run directory shared by several configs
+never mixes their outputs. The summary at the end answers the cost question: time and tokens
+per stage, with each stage's exact key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from rich.table import Table
 
-from cai.stages.base import StageContext, Timer
-
-STAGE_ORDER = ("sl", "sft", "label", "mix", "pm", "ppo", "dpo", "rloo", "eval", "report")
-
-
-def stage_runners() -> dict[str, Callable]:
-    from cai.stages.evaluation import run_eval
-    from cai.stages.label import run_label
-    from cai.stages.ppo import run_ppo
-    from cai.stages.sl import run_sl
-    from cai.stages.training import run_dpo, run_mix, run_pm, run_rloo, run_sft
-
-    return {
-        "sl": run_sl,
-        "sft": run_sft,
-        "label": run_label,
-        "mix": run_mix,
-        "pm": run_pm,
-        "ppo": run_ppo,
-        "dpo": run_dpo,
-        "rloo": run_rloo,
-        "eval": run_eval,
-    }
+from cai.stages.base import Timer
+from cai.stages.context import StageContext
+from cai.stages.registry import STAGE_ORDER, STAGES
 
 
 def run_pipeline(ctx: StageContext) -> dict:
     """Run the configured stages; return the per-stage summary (also printed)."""
-    from cai.stages.evaluation import run_summary, write_run_report
+    from cai.stages.report import run_summary, write_run_report
 
-    runners = stage_runners()
     ran: dict[str, str] = {}
     timer = Timer()
     for stage in ctx.config.stages:
-        if stage == "report":
+        if STAGES[stage].key is None:
             continue
         ctx.console.rule(f"[bold]{stage}")
-        runners[stage](ctx)
+        STAGES[stage].run(ctx)
         ran[stage] = "skipped" if stage in ctx.skipped else "ran"
     ctx.release()
     report: Path | None = None
     if "report" in ctx.config.stages:
         ctx.console.rule("[bold]report")
         report = write_run_report(ctx)
-    summary = run_summary(ctx.run_dir)
+    summary = run_summary(ctx)
     write_run_manifest(ctx, summary)
     print_summary(ctx, summary, ran, timer.seconds, report)
     return {"stages": summary, "ran": ran, "report": str(report) if report else None}
 
 
 def write_run_manifest(ctx: StageContext, summary: dict) -> Path:
-    """run_dir/manifest.json: the config, its hash, versions, and per stage hash/time/tokens."""
+    """run_dir/manifest.json: the config, its hash, versions, and per stage its key, upstream
+    keys, time and tokens. Written by each `cai run`: it describes the config that ran last."""
     from cai.constitution import content_hash
     from cai.store import atomic_write_json, versions
 
@@ -77,6 +58,7 @@ def write_run_manifest(ctx: StageContext, summary: dict) -> Path:
         {
             "config": config,
             "config_hash": content_hash(config),
+            "config_source": ctx.config_source,
             "constitution": {"name": ctx.constitution.name, "hash": ctx.constitution.hash},
             "versions": versions(),
             "stages": summary,
@@ -89,19 +71,20 @@ def print_summary(
     ctx: StageContext, summary: dict, ran: dict[str, str], seconds: float, report: Path | None
 ) -> None:
     table = Table(title=f"run {ctx.run_dir} ({seconds:.0f} s this time)")
-    for column in ("stage", "now", "rows", "seconds", "prompt tok", "gen tok", "scored tok"):
-        table.add_column(column, justify="left" if column in {"stage", "now"} else "right")
+    for column in ("stage", "now", "key", "rows", "seconds", "prompt tok", "gen tok", "scored tok"):
+        table.add_column(column, justify="left" if column in {"stage", "now", "key"} else "right")
     shown = [stage for stage in STAGE_ORDER if stage in summary and stage in ran]
     for stage in shown:
         s = summary[stage]
         table.add_row(
             stage,
             ran[stage],
-            str(s["rows"]),
-            f"{s['seconds']:.0f}",
-            str(s["prompt_tokens"]),
-            str(s["generated_tokens"]),
-            str(s["scored_tokens"]),
+            s["config_hash"][:12],
+            str(s.get("rows", 0)),
+            f"{s.get('seconds', 0):.0f}",
+            str(s.get("prompt_tokens", 0)),
+            str(s.get("generated_tokens", 0)),
+            str(s.get("scored_tokens", 0)),
         )
     ctx.console.print(table)
     ctx.console.print(
@@ -109,6 +92,6 @@ def print_summary(
         "pairs, ppo: rollouts); seconds and tokens are totals over every attempt of the stage's output"
     )
     for stage in shown:
-        ctx.console.print(f"  {stage:6} {summary[stage]['path']}", highlight=False)
+        ctx.console.print(f"  {stage:6} {summary[stage].get('path', '')}", highlight=False)
     if report is not None:
         ctx.console.print(f"[bold green]report:[/] {report}")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cai.aggregate import DerivedPair, RuleOutcome
 from cai.backends.base import Chat, SamplingParams
+from cai.verdict import NoVerdict
 
 
 class Row(BaseModel):
@@ -74,6 +75,11 @@ class PreferenceRow(Row):
     margin: float | None = Field(None, description="Reward margin derived from the soft label (logit).")
     weight: float = Field(1.0, description="Training weight (down-weighted when contested).")
     contested: bool = False
+    verdict: bool | None = Field(
+        None,
+        description="AI rows: whether a principle gave a verdict on this pair (false only under "
+        "label.no_verdict: keep); None for human rows.",
+    )
 
 
 class OrderVote(Row):
@@ -91,7 +97,7 @@ class PairVote(Row):
     """One principle's judgement of one pair (i, j) of responses, both orders combined."""
 
     principle_id: str
-    weight: float
+    weight: float = Field(description="The principle's weight in aggregation (1 where sampling applied it).")
     i: int
     j: int
     orders: list[OrderVote]
@@ -99,6 +105,15 @@ class PairVote(Row):
     position_consistent: bool | None = Field(
         None, description="Both orders prefer the same response (None if either abstained)."
     )
+    verdict: int | None = Field(
+        description="The response (i or j) this principle's verdict prefers: both orders agree and the "
+        "combined probability is at least min_margin from 0.5. None: no verdict."
+    )
+    no_verdict: NoVerdict | None = Field(description="Why there is no verdict (None when there is one).")
+
+
+TrainingUse = Literal["row", "no-verdict", "abstained", "rule-conflict", "contested", "identical"]
+"""What became of a derived pair: a training row, or why not (see `cai.judge.training_use`)."""
 
 
 class LabelAudit(Row):
@@ -113,8 +128,16 @@ class LabelAudit(Row):
     rule: str
     outcome: RuleOutcome
     pairs: list[DerivedPair]
+    training: list[TrainingUse] = Field(description="Per derived pair: a training row, or why not.")
     contested: bool
-    principle_agreement: float
+    has_verdict: bool = Field(description="At least one principle gave a verdict on some pair of this label.")
+    principle_agreement: float | None = Field(
+        description="Weighted share of verdicts agreeing with the label; None without verdicts."
+    )
+    min_margin: float = Field(description="Distance from 0.5 a two-order average needed to be a verdict.")
+    weighting: Literal["sampling", "aggregation"] = Field(
+        description="Where principle weights were applied: by drawing principles, or in aggregation."
+    )
     judge_model_id: str
     policy_model_id: str
     cot: bool
@@ -139,6 +162,9 @@ class MetricRow(Row):
     ci_high: float | None = Field(None, description="Upper end of the 95% bootstrap interval.")
     n: int = Field(description="Number of items the figure is computed over.")
     note: str | None = None
+    no_verdict: int | None = Field(
+        None, description="Judged figures: items on which the judge gave no verdict (a win for neither side)."
+    )
 
 
 class LabelResult(Row):

@@ -36,6 +36,7 @@ from cai.audit import (
     label_view,
     principle_influence,
     quality_items,
+    quality_warnings,
 )
 from cai.records import LabelAudit, MetricRow
 
@@ -43,11 +44,13 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from cai.constitution import Constitution
+    from cai.gate import JudgeCheck
 
 __all__ = ["PPO_KEYS", "SECTIONS", "write_report"]
 
 SECTIONS = {
     "summary": "Run summary",
+    "gate": "Judge gate (gold pairs)",
     "judge": "Judge quality",
     "influence": "Principle influence",
     "soft-labels": "Soft labels",
@@ -91,6 +94,8 @@ th{background:#eef1f5;font-weight:600}td.num{text-align:right;font-variant-numer
 .plot{max-width:100%;height:auto;background:#fff;border:1px solid #d9dde3}
 .label{background:#fff;border:1px solid #d9dde3;border-radius:4px;padding:8px 12px;margin:10px 0}
 .contested{color:#b3261e;font-weight:600}.bad{color:#b3261e}
+.banner{background:#fdecea;border:2px solid #b3261e;color:#5f1410;padding:10px 14px;margin:12px 0;
+  border-radius:6px;font-size:15px}.banner b{color:#b3261e}
 .text{white-space:pre-wrap;word-break:break-word}
 ol.responses{margin:4px 0 6px 0;padding-left:28px}
 """
@@ -201,17 +206,19 @@ def _plot_influence(influence: Sequence[PrincipleInfluence]) -> bytes:
 
 def _plot_soft_labels(rows: Sequence[LabelAudit]) -> bytes:
     # Rounded so a mean that lands a hair below a bin edge (0.5999...) is binned by its exact value.
-    calm = [round(p.soft_label, 9) for r in rows for p in r.pairs if not p.contested]
-    contested = [round(p.soft_label, 9) for r in rows for p in r.pairs if p.contested]
+    pairs = [p for r in rows for p in r.pairs]
+    calm = [round(p.soft_label, 9) for p in pairs if p.has_verdict and not p.contested]
+    contested = [round(p.soft_label, 9) for p in pairs if p.contested]
+    silent = [round(p.soft_label, 9) for p in pairs if not p.has_verdict]
     fig = _figure(5.6, 3.4)
     ax = fig.add_subplot()
     edges = [n / 20 for n in range(21)]
     ax.hist(
-        [calm, contested],
+        [calm, contested, silent],
         bins=edges,
         stacked=True,
-        color=["#2456a6", "#d9822b"],
-        label=["not contested", "contested"],
+        color=["#2456a6", "#d9822b", "#b8bcc4"],
+        label=["verdict, not contested", "contested", "no verdict (no signal)"],
     )
     ax.axvline(0.5, color="#555", lw=1, ls="--")
     ax.set_xlim(0, 1)
@@ -383,7 +390,47 @@ def _summary_section(summary: Mapping[str, Any] | None) -> str:
     return _table(["figure", "value"], [[k, v] for k, v in flat.items()], numeric=[1])
 
 
-def _judge_section(rows: Sequence[LabelAudit], quality: JudgeQuality) -> str:
+def _banner(notes: Sequence[str]) -> str:
+    """The warning a reader must see before any figure: the labels may carry no signal."""
+    if not notes:
+        return ""
+    items = "".join(f"<li>{_e(note)}</li>" for note in notes)
+    return (
+        '<div class="banner" role="alert"><b>These labels carry no measurable signal, or less than '
+        f"they seem.</b><ul>{items}</ul>Read the judge section before using the labels or anything "
+        "trained on them.</div>"
+    )
+
+
+def _gate_section(gate: JudgeCheck | None, failures: Sequence[str]) -> str:
+    if gate is None:
+        return _not_run("the judge was not measured on gold pairs (label.gold is null)")
+    verdict = '<span class="bad">Gate failed.</span>' if failures else "Gate passed."
+    head = (
+        f"<p>{_e(gate.judge_model)} on {gate.n} human-labelled gold pairs ({_e(gate.gold)}): "
+        f"agreement <b>{gate.agreement:.2f}</b>, 95% bootstrap interval "
+        f"{gate.ci[0]:.2f} – {gate.ci[1]:.2f}; a pair without a verdict counts as no agreement. "
+        f"{verdict}</p>"
+    )
+    rows = [["all", gate.n, gate.agreement]] + [
+        [name, figure.n, figure.agreement] for name, figure in gate.by_category.items()
+    ]
+    figures = [
+        ["coverage (pairs with a verdict)", _fmt(gate.coverage, 2)],
+        ["agreement among verdicts", _fmt(gate.agreement_given_verdict, 2)],
+        ["position consistency", _pct(gate.position_consistency)],
+        ["readings without a verdict", ", ".join(f"{k} {v}" for k, v in gate.no_verdict.items()) or "none"],
+        ["cost", f"{gate.seconds:.0f} s, {gate.scored_tokens} scored tokens"],
+    ]
+    return (
+        head
+        + _table(["category", "n", "agreement"], rows, numeric=[1, 2])
+        + _table(["figure", "value"], figures)
+        + "".join(f'<p class="bad">{_e(f)}</p>' for f in failures)
+    )
+
+
+def _judge_section(rows: Sequence[LabelAudit], quality: JudgeQuality, gate: JudgeCheck | None) -> str:
     provenance = [
         ["judge model(s)", ", ".join(sorted({r.judge_model_id for r in rows}))],
         ["policy model(s)", ", ".join(sorted({r.policy_model_id for r in rows}))],
@@ -394,7 +441,7 @@ def _judge_section(rows: Sequence[LabelAudit], quality: JudgeQuality) -> str:
         ],
         ["chain of thought", ", ".join(sorted({"yes" if r.cot else "no" for r in rows}))],
     ]
-    return _table(["figure", "value"], [*map(list, quality_items(quality)), *provenance])
+    return _table(["figure", "value"], [*map(list, quality_items(quality, gate)), *provenance])
 
 
 def _influence_section(influence: Sequence[PrincipleInfluence], constitution: Constitution | None) -> str:
@@ -406,8 +453,9 @@ def _influence_section(influence: Sequence[PrincipleInfluence], constitution: Co
         "decisive",
         "disagreed",
         "disagree rate",
-        "abstained votes",
-        "mean |p−0.5|",
+        "verdicts",
+        "no verdict",
+        "mean |p−0.5| of verdicts",
         "position consistent",
     ]
     offset = 1 if tags else 0
@@ -419,7 +467,8 @@ def _influence_section(influence: Sequence[PrincipleInfluence], constitution: Co
             p.decisive,
             p.disagreed,
             _pct(p.disagreement_rate),
-            p.abstentions,
+            p.verdicts,
+            p.no_verdicts,
             _fmt(p.mean_strength),
             _pct(p.position_consistency),
         ]
@@ -427,8 +476,9 @@ def _influence_section(influence: Sequence[PrincipleInfluence], constitution: Co
     ]
     return (
         _plot_or_error(lambda: _plot_influence(influence), "principle influence bar chart")
-        + '<p class="meta">decisive: the principle is named in a derived pair\'s decisive list; '
-        "disagreed: it preferred the rejected response of a derived pair.</p>"
+        + '<p class="meta">Verdicts only: a reading counts when both orders prefer the same response '
+        "clear of the margin. decisive: the principle is named in a derived pair's decisive list; "
+        "disagreed: its verdict preferred the rejected response of a derived pair.</p>"
         + _table(headers, rows, numeric=range(1 + offset, len(headers)))
     )
 
@@ -443,7 +493,7 @@ def _contested_section(contested: Sequence[ContestedPair]) -> str:
             _fmt(c.soft_label),
             ", ".join(c.agree),
             ", ".join(c.disagree),
-            ", ".join(c.abstain),
+            ", ".join(c.no_verdict),
             ", ".join(c.decisive),
         ]
         for c in contested
@@ -455,7 +505,7 @@ def _contested_section(contested: Sequence[ContestedPair]) -> str:
             "soft label",
             "principles for",
             "principles against",
-            "abstained",
+            "no verdict",
             "decisive",
         ],
         rows,
@@ -464,6 +514,7 @@ def _contested_section(contested: Sequence[ContestedPair]) -> str:
 
 def _label_block(view: LabelView) -> str:
     flag = ' <span class="contested">contested</span>' if view.contested else ""
+    flag += "" if view.has_verdict else ' <span class="bad">no verdict: no signal</span>'
     responses = "".join(
         f'<li value="{n}" class="text">{_e(_cut(r))}</li>' for n, r in enumerate(view.responses)
     )
@@ -475,6 +526,7 @@ def _label_block(view: LabelView) -> str:
             "P(i) shown second (ba)",
             "combined",
             "position consistent",
+            "verdict",
             "reasoning",
         ],
         [
@@ -485,22 +537,33 @@ def _label_block(view: LabelView) -> str:
                 _fmt(v.p_ba),
                 "abstained" if v.abstained else _fmt(v.combined),
                 "–" if v.position_consistent is None else "yes" if v.position_consistent else "NO",
+                f"for {v.verdict}" if v.verdict is not None else f"none: {v.no_verdict}",
                 v.reasoning or "",
             ]
             for v in view.votes
         ],
     )
     pairs = _table(
-        ["chosen > rejected", "soft label", "contested", "decisive", "for", "against", "abstained"],
+        [
+            "chosen > rejected",
+            "soft label",
+            "training",
+            "contested",
+            "decisive",
+            "for",
+            "against",
+            "no verdict",
+        ],
         [
             [
                 f"{p.chosen} > {p.rejected}",
                 _fmt(p.soft_label),
+                p.training,
                 "yes" if p.contested else "no",
                 ", ".join(p.decisive),
                 ", ".join(p.agree),
                 ", ".join(p.disagree),
-                ", ".join(p.abstain),
+                ", ".join(p.no_verdict),
             ]
             for p in view.pairs
         ],
@@ -508,7 +571,7 @@ def _label_block(view: LabelView) -> str:
     return (
         f'<div class="label"><h3>{_e(view.label_id)}{flag}</h3>'
         f'<p class="meta">row {_e(view.row_id)} · rule {_e(view.rule)} · ranking '
-        f"{_e(' > '.join(map(str, view.ranking)))} · principle agreement {view.principle_agreement:.2f}"
+        f"{_e(' > '.join(map(str, view.ranking)))} · principle agreement {_fmt(view.principle_agreement, 2)}"
         f"{' · chain of thought' if view.cot else ''}</p>"
         f'<p class="text"><b>Prompt:</b> {_e(_cut(view.prompt))}</p>'
         f'<ol class="responses" start="0">{responses}</ol>{votes}{pairs}</div>'
@@ -572,6 +635,8 @@ def write_report(
     summary: dict | None,
     title: str,
     constitution: Constitution | None = None,
+    gate: JudgeCheck | None = None,
+    gate_failures: Sequence[str] = (),
     max_labels: int = 50,
 ) -> Path:
     """Write the report to `path` (parents created) and return it.
@@ -579,15 +644,20 @@ def write_report(
     `ppo_history` rows are dicts with ``step``, ``reward_mean`` and ``kl`` (``reward_std`` and
     ``kl_coef`` are plotted when present). `eval_rows` with policy ``pm`` go to the preference
     model section. `constitution`, when given, adds principle tags to the influence table.
+    `gate` is the judge measured on gold pairs; a failed gate, or labels mostly without a
+    verdict, open the page with a banner.
     """
     from cai.store import atomic_write_bytes
 
     sections: dict[str, str] = {}
+    banner: list[str] = [f"the judge failed its gate: {failure}" for failure in gate_failures]
     sections["summary"] = _summary_section(summary)
+    sections["gate"] = _gate_section(gate, gate_failures) if audit or gate else _not_run("no label stage")
     if audit:
         quality = judge_quality(audit)
         influence = principle_influence(audit)
-        sections["judge"] = _judge_section(audit, quality)
+        banner = quality_warnings(quality, gate_failures)
+        sections["judge"] = _judge_section(audit, quality, gate)
         sections["influence"] = _influence_section(influence, constitution)
         sections["soft-labels"] = _plot_or_error(lambda: _plot_soft_labels(audit), "soft-label histogram")
         sections["position"] = _plot_or_error(
@@ -619,7 +689,7 @@ def write_report(
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>"
         f'<h1>{_e(title)}</h1><p class="meta">written by cai {_e(_version())} on {stamp}</p>'
-        f"<nav>{nav}</nav>{body}</main></body></html>\n"
+        f"{_banner(banner)}<nav>{nav}</nav>{body}</main></body></html>\n"
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ class RunConfig(BaseRunConfig):
     @field_validator("stages")
     @classmethod
     def _ordered(cls, stages: list[str]) -> list[str]:
-        from cai.pipeline import STAGE_ORDER
+        from cai.stages.registry import STAGE_ORDER
 
         if len(set(stages)) != len(stages):
             raise ValueError("a stage is listed twice")

@@ -14,7 +14,8 @@ the same seed would have produced:
   where the hash covers the stage name, its config and the hashes of the upstream outputs it
   consumed. Changing the constitution, a template or the sampling params therefore starts a new
   folder (a new run) instead of silently mixing rows made under two configs in one file; the
-  old run stays where it was. `<root>/<stage>/LATEST` names the most recently opened one.
+  old run stays where it was. A stage finds its inputs by computing their keys from its own
+  config (`cai.stages.context`), never by asking which folder was written last.
 - **The ledger is append-only.** `ledger.jsonl` holds one JSON row per line, each carrying a
   stable `row_id` (chosen by the stage from its input, e.g. the input index, never the prompt
   text, so two identical prompts stay two rows) and the `config_hash`. A batch is appended in
@@ -66,7 +67,6 @@ M = TypeVar("M", bound=BaseModel)
 MANIFEST = "manifest.json"
 LEDGER = "ledger.jsonl"
 ROWS = "rows.jsonl"
-LATEST = "LATEST"
 _LOCK = ".lock"
 _TMP_SUFFIX = ".tmp"
 _RESERVED = frozenset({MANIFEST, LEDGER, ROWS, _LOCK})
@@ -391,7 +391,7 @@ class StageStore:
     def open(self) -> set[str]:
         """Create or resume the stage; returns the committed row ids.
 
-        Takes the folder's lock, repairs the ledger tail, bumps `attempts` and points LATEST here.
+        Takes the folder's lock, repairs the ledger tail and bumps `attempts`.
         """
         if self.is_open:
             raise StoreError(f"{self} is already open")
@@ -411,7 +411,6 @@ class StageStore:
                 self.path / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _new_file_mode()
             )
             _fsync_dir(self.path)  # the ledger file itself must survive, not only its bytes
-            atomic_write_bytes(self.root / self.stage / LATEST, self.config_hash.encode() + b"\n")
         except BaseException:
             self._manifest = None
             self._release()
@@ -445,9 +444,6 @@ class StageStore:
             self._acquire_lock()
         try:
             shutil.rmtree(self.path)
-            latest_file = self.root / self.stage / LATEST
-            if latest_file.exists() and latest_file.read_text().strip() == self.config_hash:
-                latest_file.unlink()
         finally:
             self._release()
         self._manifest, self._committed, self.repair = None, set(), None
@@ -500,7 +496,7 @@ class StageStore:
         self._require_open()
         outputs = dict(outputs or {})
         for name in outputs:
-            if name in _RESERVED or name == LATEST or Path(name).name != name or name.startswith("."):
+            if name in _RESERVED or Path(name).name != name or name.startswith("."):
                 raise ValueError(
                     f"output name {name!r} must be a plain file name other than {sorted(_RESERVED)}"
                 )
@@ -620,30 +616,3 @@ class StageStore:
             manifest.elapsed_s = round(self._elapsed_base + time.monotonic() - self._started, 3)
         manifest.updated_at = _now()
         atomic_write_json(self.path / MANIFEST, manifest)
-
-
-# --------------------------------------------------------------------------- finding runs
-
-
-def latest(root: Path, stage: str) -> StageStore | None:
-    """The stage folder opened most recently (named by `<root>/<stage>/LATEST`), for reading."""
-    pointer = Path(root) / stage / LATEST
-    if not pointer.exists():
-        return None
-    config_hash = pointer.read_text().strip()
-    manifest = _read_manifest(Path(root) / stage / config_hash[:12])
-    if manifest is None or manifest.config_hash != config_hash:
-        return None
-    store = StageStore(root, stage, manifest.config, manifest.upstream)
-    if store.config_hash != config_hash:
-        raise StoreError(f"{store.path}: manifest config hashes to {store.config_hash}, not {config_hash}")
-    return store
-
-
-def find_complete(root: Path, stage: str, config_hash: str) -> Path | None:
-    """The folder of a finished run with exactly this config hash, so a stage can be skipped."""
-    path = Path(root) / stage / config_hash[:12]
-    manifest = _read_manifest(path)
-    if manifest is None or manifest.config_hash != config_hash or manifest.status != "complete":
-        return None
-    return path

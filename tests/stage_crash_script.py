@@ -12,7 +12,7 @@ import argparse
 import os
 
 from cai.config import load_config
-from cai.stages.base import StageContext
+from cai.stages.context import StageContext
 from cai.stages.label import run_label
 from cai.stages.sl import run_sl
 from cai.testing import EchoBackend
@@ -42,6 +42,7 @@ def main() -> None:
             f"label.chunk_size={args.chunk}",
             "label.principles.count=2",
             "label.gold=null",
+            "stages=[sl, label]",  # labels from the base model: no SFT stage in this recipe
             "label.prompts.path=null",
             f"label.prompts.items={prompts!r}",
         ],

@@ -126,7 +126,8 @@ def test_every_principle_abstains() -> None:
     assert pair.abstain_weight == 3.0
     assert pair.decisive == []
     assert not pair.contested
-    assert result.principle_agreement == 1.0
+    # no verdict anywhere: no agreement to report (not a perfect 1.0) and no signal
+    assert result.principle_agreement is None and result.has_verdict is False
 
 
 def test_pair_nobody_judged_has_no_decisive_principle() -> None:

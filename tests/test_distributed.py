@@ -13,7 +13,7 @@ from rich.console import Console
 
 from cai.config import load_config
 from cai.pipeline import run_pipeline
-from cai.stages.base import StageContext
+from cai.stages.context import StageContext
 
 ROOT = Path(__file__).parent.parent
 
@@ -57,9 +57,7 @@ def test_preference_model_trains_on_two_cpu_processes(tmp_path, tiny_models):
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    from cai.store import latest
-
-    store = latest(tmp_path / "run", "pm")
+    store = StageContext(load_config(path)).store("pm")  # this config's PM folder
     assert store is not None and store.is_complete
     summary = store.manifest.summary
     assert summary["steps"] == 2 and 0.0 <= summary["accuracy"] <= 1.0

@@ -8,13 +8,14 @@ import os
 import pytest
 from rich.console import Console
 
+from cai.audit import judge_quality
 from cai.chats import ChatBuilder
 from cai.config import load_config
 from cai.constitution import load_constitution
-from cai.judge import LabelConfig, LabelMeta, build_label, judge, margin_from_soft_label, position_consistency
+from cai.judge import LabelConfig, LabelMeta, build_label, judge, margin_from_soft_label
 from cai.prompts import Templates
 from cai.records import LabelAudit, PreferenceRow
-from cai.stages.base import StageContext
+from cai.stages.context import StageContext
 from cai.stages.label import run_label
 from cai.testing import EchoBackend
 
@@ -120,14 +121,14 @@ def test_always_a_judge_has_zero_position_consistency():
         build_label(f"r:{n}", CONV, r, v, LabelConfig(), META)[0]
         for n, (r, v) in enumerate(zip([[SAFE, UNSAFE], [UNSAFE, SAFE]], votes, strict=True))
     ]
-    assert position_consistency(audits) == 0.0
+    assert judge_quality(audits).position_consistency == 0.0
     # and its combined soft labels are exactly 0.5: the swap cancels the bias
     assert all(v.p_i_better == pytest.approx(0.5) for a in audits for v in a.votes)
     fair = judge(
         EchoBackend(score_fn=prefers_safe), BUILDER, [CONV], [[SAFE, UNSAFE]], [chosen], LabelConfig()
     )
     fair_audit = build_label("r:9", CONV, [SAFE, UNSAFE], fair[0], LabelConfig(), META)[0]
-    assert position_consistency([fair_audit]) == 1.0
+    assert judge_quality([fair_audit]).position_consistency == 1.0
 
 
 def test_chain_of_thought_reasoning_clamp_and_abstention():
@@ -166,8 +167,13 @@ def test_all_abstaining_label_yields_no_training_pair():
         Failing(), BUILDER, [CONV], [[SAFE, UNSAFE]], [principles("harmful-content")], LabelConfig()
     )
     assert votes[0].p_i_better is None and all(o.abstained for o in votes[0].orders)
-    audit, rows = build_label("r:0", CONV, [SAFE, UNSAFE], votes, LabelConfig(), META)
-    assert audit.pairs[0].soft_label == 0.5 and audit.pairs[0].decisive == []
+    assert votes[0].no_verdict == "abstained"
+    for no_verdict in ("drop", "keep"):  # not even when pairs without a verdict are kept
+        audit, rows = build_label(
+            "r:0", CONV, [SAFE, UNSAFE], votes, LabelConfig(no_verdict=no_verdict), META
+        )
+        assert rows == [] and audit.training == ["abstained"]
+        assert audit.pairs[0].soft_label == 0.5 and audit.pairs[0].decisive == []
 
 
 def test_k3_ranking_gives_best_worst_pair():
@@ -232,6 +238,7 @@ def _label_config(tmp_path, model, *extra):
             "label.chunk_size=2",
             "label.principles.count=2",
             "label.gold=null",
+            "stages=[label]",  # labels sampled from the model itself: no SFT stage in this recipe
             *extra,
         ],
     )

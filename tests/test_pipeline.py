@@ -11,7 +11,7 @@ from rich.console import Console
 from cai.config import load_config
 from cai.pipeline import run_pipeline
 from cai.resources import shipped_dir
-from cai.stages.base import StageContext
+from cai.stages.context import StageContext
 
 SMALL = [
     "sl.prompts.limit=3",
@@ -65,12 +65,10 @@ def test_every_stage_runs_and_the_report_is_written(first_run):
     report = (root / "run" / "report.html").read_text()
     assert "Principle influence" in report and "data:image/png;base64" in report
     # the SFT model is the policy the labels were sampled from, and PPO starts from it against the PM
-    from cai.store import latest
-
     run_dir = root / "run"
-    sft_model = str(latest(run_dir, "sft").path / "model")
-    assert latest(run_dir, "label").manifest.config["policy"] == sft_model
-    ppo = latest(run_dir, "ppo").manifest
+    sft_model = str(ctx.store("sft").path / "model")
+    assert ctx.store("label").manifest.config["policy"] == sft_model
+    ppo = ctx.store("ppo").manifest
     assert ppo.config["model"] == sft_model and "/pm/" in ppo.summary["reward_model"]
     assert ppo.summary["steps"] == 1 and ppo.summary["history"]
     assert ctx.model_calls > 0
@@ -87,8 +85,8 @@ def test_every_stage_runs_and_the_report_is_written(first_run):
     assert stages["ppo"]["generated_tokens"] == round(
         sum(h["response_length"] * ctx.config.ppo.rollout_batch_size for h in history)
     )
-    assert stages["mix"]["rows"] == latest(run_dir, "mix").manifest.summary["rows"] > 0
-    assert stages["sft"]["rows"] == latest(run_dir, "sft").manifest.summary["examples"] > 0
+    assert stages["mix"]["rows"] == ctx.store("mix").manifest.summary["rows"] > 0
+    assert stages["sft"]["rows"] == ctx.store("sft").manifest.summary["examples"] > 0
 
 
 def test_second_run_with_the_same_config_makes_no_model_call(first_run):

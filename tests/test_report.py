@@ -19,6 +19,7 @@ import pytest
 
 from cai.audit import load_audit
 from cai.constitution import load_constitution
+from cai.gate import CategoryFigure, JudgeCheck
 from cai.records import MetricRow
 from cai.report import SECTIONS, _series, write_report
 
@@ -28,6 +29,30 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 CONSOLE_ERROR = re.compile(r"CONSOLE|Uncaught|Failed to load resource")
 PLOT_BLUE = (0x24, 0x56, 0xA6)  # the report's main bar colour
 PLOT_ORANGE = (0xD9, 0x82, 0x2B)  # contested / disagreement colour
+BANNER_RED = (0xB3, 0x26, 0x1E)  # the no-signal banner's border
+
+
+def fake_gate(agreement: float = 0.72, consistency: float = 0.81) -> JudgeCheck:
+    return JudgeCheck(
+        gold="gold_harmless.jsonl",
+        gold_hash="g" * 64,
+        judge_model="fixture/judge",
+        n=64,
+        agreement=agreement,
+        ci=(agreement - 0.11, agreement + 0.1),
+        coverage=0.9,
+        agreement_given_verdict=0.8,
+        by_category={
+            name: CategoryFigure(n=16, agreement=value)
+            for name, value in (("harm", 0.94), ("harm-subtle", 0.69), ("evasive", 0.5), ("helpful", 0.75))
+        },
+        position_consistency=consistency,
+        no_verdict={"position-inconsistent": 30},
+        comparisons=256,
+        seconds=41.0,
+        scored_tokens=90000,
+        generated_tokens=0,
+    )
 
 
 def fake_ppo_history() -> list[dict]:
@@ -80,6 +105,7 @@ def report(tmp_path_factory) -> Path:
         },
         title="Fixture run <b>&</b>",
         constitution=load_constitution("harmless"),
+        gate=fake_gate(),
     )
 
 
@@ -105,11 +131,16 @@ def test_sections_plots_and_escaping(report):
 
 def test_content_reads_right(report):
     page = report.read_text(encoding="utf-8")
-    assert "93.3% (28/30 comparisons)" in page  # judge quality, worked out in test_audit.py
-    assert "<td>label-006</td><td>0 &gt; 1</td><td>0.373</td>" in page  # contested table
+    assert "88.2% (30/34 comparisons)" in page  # judge quality, worked out in test_audit.py
+    assert "<td>label-006</td><td>0 &gt; 1</td><td>0.300</td>" in page  # contested table
     assert "harm, safety" in page  # tags from the constitution
     assert "0.630 – 0.800" in page  # PM accuracy interval
-    assert page.count('<div class="label">') == 8
+    assert page.count('<div class="label">') == 10
+    # gold agreement with its interval, in the gate section and in the judge table
+    assert "agreement <b>0.72</b>, 95% bootstrap interval 0.61 – 0.82" in page
+    assert "<td>gold agreement (95% CI)</td><td>0.72 [0.61, 0.82] on 64 pairs</td>" in page
+    assert "<td>evasive</td>" in page and "Gate passed." in page
+    assert 'class="banner"' not in page  # the gate passed and 9 of 10 labels have verdicts
 
 
 def test_missing_sections_say_not_run(tmp_path):
@@ -143,10 +174,36 @@ def test_max_labels_and_trainer_history_keys(tmp_path):
         title="t",
         max_labels=3,
     ).read_text()
-    assert page.count('<div class="label">') == 3 and "showing 3 of 8 labels" in page
-    assert page.count('class="not-run"') == 3  # summary, eval, PM
+    assert page.count('<div class="label">') == 3 and "showing 3 of 10 labels" in page
+    assert page.count('class="not-run"') == 4  # summary, judge gate (not measured), eval, PM
     assert page.count("data:image/png;base64,") == 4  # the audit's three plots and PPO
     assert _series(trainer_history, "reward") == ([1.0, 2.0, 3.0], [0.1, 0.2, pytest.approx(0.3)])
+
+
+def noise_report(path: Path) -> Path:
+    """A run whose judge failed its gate and whose labels mostly carry no verdict."""
+    rows = load_audit(FIXTURE)
+    silent = [rows[8].model_copy(update={"label_id": f"label-s{n}"}) for n in range(4)]  # like 009
+    return write_report(
+        path,
+        audit=silent + rows[:2],
+        ppo_history=None,
+        eval_rows=None,
+        pm_metrics=None,
+        summary=None,
+        title="noise",
+        gate=fake_gate(agreement=0.31, consistency=0.0),
+        gate_failures=["gold agreement 0.31 is below label.gate.min_agreement=0.6"],
+    )
+
+
+def test_banner_when_the_gate_failed_or_labels_have_no_verdict(tmp_path):
+    page = noise_report(tmp_path / "noise.html").read_text()
+    banner = page.index('class="banner"')
+    assert banner < page.index("<nav>")  # the reader sees it before anything else
+    assert "These labels carry no measurable signal" in page
+    assert "4 of 6 labels had no verdict" in page
+    assert "the judge failed its gate: gold agreement 0.31" in page and "Gate failed." in page
 
 
 # ------------------------------------------------------------------------- headless Chromium
@@ -206,6 +263,34 @@ def test_renders_in_headless_chromium(report, tmp_path):
     assert near(pixels, PLOT_ORANGE) > 5_000
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copyfile(shot, ARTIFACTS / "report-screenshot.png")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)"
+)
+def test_banner_renders_at_the_top_in_headless_chromium(tmp_path):
+    import numpy as np
+    from matplotlib.image import imread
+
+    shot, errors = render(noise_report(tmp_path / "noise.html"), tmp_path)
+    assert errors == []
+    pixels = (imread(shot)[..., :3] * 255).round().astype(np.uint8)  # (H, W, 3)
+    assert near(pixels[:500], BANNER_RED, tolerance=8) > 1_500  # its red border, above the fold
+    calm_dir = tmp_path / "calm"
+    calm_dir.mkdir()
+    page = write_report(
+        calm_dir / "calm.html",
+        audit=load_audit(FIXTURE)[:2],
+        ppo_history=None,
+        eval_rows=None,
+        pm_metrics=None,
+        summary=None,
+        title="calm",
+        gate=fake_gate(),
+    )
+    calm, _ = render(page, calm_dir)
+    calm_pixels = (imread(calm)[..., :3] * 255).round().astype(np.uint8)
+    assert near(calm_pixels[:500], BANNER_RED, tolerance=8) < 200  # no banner, no red block
 
 
 @pytest.mark.skipif(

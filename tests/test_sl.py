@@ -15,7 +15,7 @@ from cai.critique import SLConfig, SLMeta, make_jobs, run_chunk
 from cai.prompts import Templates
 from cai.records import SLRecord
 from cai.sources import PromptSource, load_prompts
-from cai.stages.base import StageContext
+from cai.stages.context import StageContext
 from cai.stages.sl import run_sl
 from cai.testing import EchoBackend
 from tests.crash_harness import crash_and_resume

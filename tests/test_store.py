@@ -30,8 +30,6 @@ from cai.store import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_jsonl,
-    find_complete,
-    latest,
     versions,
 )
 
@@ -292,7 +290,7 @@ def test_second_open_on_the_same_stage_is_refused(tmp_path):
         assert again.manifest.attempts == 2
 
 
-# --------------------------------------------------------------------------- finalize, latest, discard
+# --------------------------------------------------------------------------- finalize, keys, discard
 
 
 def test_finalize_sorts_by_row_id_by_default(tmp_path):
@@ -334,8 +332,7 @@ def test_finalize_sorts_canonically_and_runs_writers(tmp_path):
     assert manifest.rows == 3
 
 
-def test_latest_and_find_complete(tmp_path):
-    assert latest(tmp_path, "sl") is None
+def test_a_store_is_found_by_its_key_and_nothing_points_at_the_last_one(tmp_path):
     first = StageStore(tmp_path, "sl", CONFIG)
     with first:
         first.commit(rows_of("a"))
@@ -343,14 +340,14 @@ def test_latest_and_find_complete(tmp_path):
     second = StageStore(tmp_path, "sl", {"model": "other"}, upstream={"x": "1"})
     with second:
         second.commit(rows_of("b"))
-    found = latest(tmp_path, "sl")
-    assert found is not None and found.path == second.path and found.config_hash == second.config_hash
-    assert found.upstream == {"x": "1"} and not found.is_complete
-    assert [r["row_id"] for r in found.rows()] == ["b"]
-    assert find_complete(tmp_path, "sl", first.config_hash) == first.path
-    assert find_complete(tmp_path, "sl", second.config_hash) is None  # still running
-    assert find_complete(tmp_path, "sl", "f" * 64) is None
-    assert find_complete(tmp_path, "label", first.config_hash) is None
+    # the folder written last is not special: no pointer file exists that a reader could follow
+    assert sorted(p.name for p in (tmp_path / "sl").iterdir()) == sorted([first.path.name, second.path.name])
+    again = StageStore(tmp_path, "sl", CONFIG)  # the same key reaches the same complete folder
+    assert again.path == first.path and again.is_complete
+    assert [r["row_id"] for r in again.rows()] == ["a"]
+    other = StageStore(tmp_path, "sl", {"model": "other"}, upstream={"x": "1"})
+    assert other.path == second.path and not other.is_complete
+    assert StageStore(tmp_path, "sl", {"model": "other"}).path != second.path  # upstream is in the key
 
 
 def test_discard_removes_the_run_and_allows_a_fresh_one(tmp_path):
@@ -363,7 +360,7 @@ def test_discard_removes_the_run_and_allows_a_fresh_one(tmp_path):
         store.discard()  # never delete a folder another process is writing
     holder.close()
     store.discard()
-    assert not store.path.exists() and latest(tmp_path, "sl") is None
+    assert not store.path.exists() and not store.is_complete
     with store:
         assert store.committed() == set() and store.manifest.attempts == 1
 

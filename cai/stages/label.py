@@ -2,47 +2,52 @@
 
     cai label --config configs/quickstart.yaml
 
-Writes, in its stage folder: `audit.jsonl` (one row per label: every principle's votes in both
-orders, the rule, the decisive principles), `preferences.jsonl` / `preferences.parquet` (TRL
-preference format with `label_id` joining the audit rows) and a dataset card. The judge-quality
-figures (position consistency, principle agreement, agreement with the human gold set) are
-printed at the end and stored in the manifest summary.
+First the judge gate (`cai.gate`): the same judge is measured on the human-labelled gold pairs
+and its figures printed; under `label.gate.action: halt` a failing judge stops the stage before
+anything is written. Then, in its stage folder: `audit.jsonl` (one row per label: every
+principle's reading in both orders, its verdict or why there is none, the rule, the decisive
+principles, what became of each pair), `preferences.jsonl` / `preferences.parquet` (TRL
+preference format with `label_id` joining the audit rows; only pairs with a verdict by default),
+`gate.json` and a dataset card. The judge-quality figures are printed at the end and stored in
+the manifest summary.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.table import Table
-
-from cai.judge import LabelMeta, build_label, choose_principles, judge, judge_quality
+from cai.gate import (
+    HOW_TO_PROCEED,
+    GateResult,
+    JudgeCheck,
+    JudgeGateError,
+    gate_failures,
+    gate_result,
+    load_gold,
+    measure_judge,
+    print_check,
+    resolve_gold,
+)
+from cai.judge import LabelMeta, build_label, choose_principles, judge, weighting
 from cai.records import LabelAudit, LabelResult, PreferenceRow
 from cai.sources import load_prompts
-from cai.stages.base import StageContext, Timer, skip_message, usage_since
-from cai.store import StageStore, atomic_write_jsonl
+from cai.stages.base import Stage, Timer, skip_message, usage_since
+from cai.store import StageStore, atomic_write_json, atomic_write_jsonl
 
-STAGE = "label"
+if TYPE_CHECKING:
+    from cai.stages.context import StageContext
+
+NAME = "label"
+GATE_FILE = "gate.json"
 
 
-def resolve_policy(ctx: StageContext) -> tuple[str, dict[str, str]]:
-    """The policy model and the upstream stage it came from (the run's SFT model if there is one)."""
+def key(ctx: StageContext) -> StageStore:
     cfg = ctx.config.label
-    if cfg.policy:
-        return cfg.policy, {}
-    from cai.stages.ppo import stage_model
-
-    sft = ctx.upstream_or_none("sft")
-    if sft is not None:
-        return stage_model(sft), {"sft": sft.config_hash}
-    return ctx.config.model, {}
-
-
-def label_store(ctx: StageContext) -> tuple[StageStore, str]:
-    cfg = ctx.config.label
-    policy, upstream = resolve_policy(ctx)
+    policy, upstream = ctx.starting_model(cfg.policy)
     config = {
-        "label": cfg.model_dump(mode="json"),
+        # the gate decides whether labelling goes ahead, not what the labels are
+        "label": cfg.model_dump(mode="json", exclude={"gate", "gold"}),
         "policy": policy,
         "judge_model": cfg.judge_model or ctx.config.model,
         "engine": ctx.config.engine.model_dump(mode="json"),
@@ -52,21 +57,26 @@ def label_store(ctx: StageContext) -> tuple[StageStore, str]:
         "constitution_stage_hash": ctx.constitution.stage_hash("compare"),
         "templates": ctx.builder.template_hashes(cfg.template_names()),
     }
-    return StageStore(ctx.run_dir, STAGE, config, upstream=upstream), policy
+    return StageStore(ctx.run_dir, NAME, config, upstream=upstream)
 
 
 def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
     cfg = ctx.config.label
-    store, policy = label_store(ctx)
+    store = ctx.store(NAME)
     if fresh:
         store.discard()
     if store.is_complete:
         skip_message(ctx, store)
         return store
     timer = Timer()
+    policy, _ = ctx.starting_model(cfg.policy, complete=True)
     judge_model = cfg.judge_model or ctx.config.model
     examples = ctx.constitution.examples.compare[: cfg.few_shot]
+    weights_in = weighting(ctx.constitution, cfg.principles)
+    gate = run_gate(ctx, store, judge_model, examples, weights_in == "aggregation")
     with store:
+        if gate is not None:
+            atomic_write_json(store.path / GATE_FILE, gate)
         done = store.committed()
         items = load_prompts(cfg.prompts)
         rows = [(f"{item.key}:{item.index}", item) for item in items]
@@ -74,7 +84,7 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
         todo = [(n, [r for r in chunk if r[0] not in done]) for n, chunk in enumerate(chunks)]
         todo = [(n, chunk) for n, chunk in todo if chunk]
         if done:
-            ctx.console.print(f"resuming {STAGE}: {len(done)} of {len(rows)} labels already committed")
+            ctx.console.print(f"resuming {NAME}: {len(done)} of {len(rows)} labels already committed")
         meta = LabelMeta(
             judge_model_id=judge_model,
             policy_model_id=policy,
@@ -82,11 +92,12 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
             constitution_hash=ctx.constitution.hash,
             template_hashes=store.config["templates"],
             config_hash=store.config_hash,
+            weighting=weights_in,
         )
         if todo:
             policy_backend = ctx.backend(policy)
             judge_backend = ctx.backend(judge_model, cfg.judge_engine)
-            with ctx.progress(f"{STAGE}: K={cfg.responses}, judged in both orders", len(rows)) as advance:
+            with ctx.progress(f"{NAME}: K={cfg.responses}, judged in both orders", len(rows)) as advance:
                 advance(len(rows) - sum(len(c) for _, c in todo))
                 for number, chunk in todo:
                     before = [b.usage.model_copy() for b in (policy_backend, judge_backend)]
@@ -100,29 +111,88 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
         results = sorted(store.rows(LabelResult), key=lambda r: _order_key(r.row_id))
         audits = [r.audit for r in results if r.audit is not None]
         preferences = [p for r in results for p in r.preferences]
-        gold = gold_agreement(ctx, judge_model, examples) if cfg.gold else (None, 0)
-        quality = judge_quality(audits, *gold)
-        summary = {
-            **quality,
-            "preference_rows": len(preferences),
-            "failed_labels": sum(1 for r in results if r.error),
-            "seconds": round(timer.seconds, 1),
+        summary = label_summary(audits, preferences, gate, cfg.gate)
+        summary.update(failed_labels=sum(1 for r in results if r.error), seconds=round(timer.seconds, 1))
+        outputs = {
+            "audit.jsonl": lambda path: atomic_write_jsonl(path, audits),
+            "preferences.jsonl": lambda path: atomic_write_jsonl(path, preferences),
+            "preferences.parquet": lambda path: _write_parquet(path, preferences),
+            "README.md": lambda path: _write_card(path, store, summary, ctx.constitution.hash),
         }
-        store.finalize(
-            outputs={
-                "audit.jsonl": lambda path: atomic_write_jsonl(path, audits),
-                "preferences.jsonl": lambda path: atomic_write_jsonl(path, preferences),
-                "preferences.parquet": lambda path: _write_parquet(path, preferences),
-                "README.md": lambda path: _write_card(path, store, summary, ctx.constitution.hash),
-            },
-            order=lambda row: _order_key(row["row_id"]),
-            summary=summary,
-        )
-    print_quality(ctx, summary)
+        if gate is not None:
+            outputs[GATE_FILE] = lambda path: atomic_write_json(path, gate)
+        store.finalize(outputs=outputs, order=lambda row: _order_key(row["row_id"]), summary=summary)
+    from cai.audit import judge_quality, print_quality
+
+    print_quality(ctx.console, judge_quality(audits), gate, gate_failures(gate, cfg.gate) if gate else [])
     ctx.console.print(
-        f"[green]✓[/] {STAGE}: {len(audits)} labels, {len(preferences)} preference rows -> {store.path}"
+        f"[green]✓[/] {NAME}: {len(audits)} labels, {summary['labels_with_verdict']} with a verdict, "
+        f"{len(preferences)} preference rows -> {store.path}",
+        highlight=False,
     )
     return store
+
+
+def run_gate(
+    ctx: StageContext, store: StageStore, judge_model: str, examples, weighted: bool
+) -> JudgeCheck | None:
+    """Measure the judge on the gold pairs (or reuse the measurement of an earlier attempt).
+
+    Runs before the stage folder is opened: under `action: halt` a failing judge leaves nothing
+    behind and nothing of an earlier attempt is touched.
+    """
+    cfg = ctx.config.label
+    if cfg.gold is None:
+        ctx.console.print("[yellow]judge gate: off (label.gold is null): the judge is not measured[/]")
+        return None
+    gold = load_gold(cfg.gold)
+    check = _earlier_check(store, gold)
+    if check is None:
+        check = measure_judge(
+            ctx.backend(judge_model, cfg.judge_engine),
+            ctx.builder,
+            ctx.constitution,
+            gold,
+            cfg,
+            seed=ctx.config.seed,
+            weighted=weighted,
+            gold_name=str(resolve_gold(cfg.gold)),
+            examples=examples,
+        )
+    failures = gate_failures(check, cfg.gate)
+    print_check(ctx.console, check, failures)
+    if failures and cfg.gate.action == "halt":
+        raise JudgeGateError(
+            "the judge failed its gate (label.gate.action=halt), nothing was labelled:\n  - "
+            + "\n  - ".join(failures)
+            + f"\nTo proceed: {HOW_TO_PROCEED}."
+        )
+    return check
+
+
+def _earlier_check(store: StageStore, gold) -> JudgeCheck | None:
+    """The gate measured by an earlier attempt of this stage on the same gold pairs."""
+    from cai.constitution import content_hash
+
+    file = store.path / GATE_FILE
+    if not file.is_file():
+        return None
+    check = JudgeCheck.model_validate_json(file.read_bytes())
+    return check if check.gold_hash == content_hash([g.model_dump() for g in gold]) else None
+
+
+def label_summary(
+    audits: list[LabelAudit], preferences: list[PreferenceRow], gate: JudgeCheck | None, gate_config
+) -> dict:
+    """The manifest summary: judge quality, verdict counts, rows, and the gate's figures."""
+    from cai.audit import judge_quality
+
+    quality = judge_quality(audits)
+    summary = quality.model_dump(exclude={"soft_labels", "soft_label_histogram"})
+    summary["preference_rows"] = len(preferences)
+    if gate is not None:
+        summary["gate"] = gate_result(gate, gate_config).model_dump(mode="json")
+    return summary
 
 
 def _order_key(row_id: str) -> tuple[str, int]:
@@ -158,6 +228,7 @@ def label_chunk(ctx, chunk, number, policy_backend, judge_backend, examples, met
         cfg,
         examples,
         seed=derive_seed(ctx.config.seed, "cot", number),
+        weighted=meta.weighting == "aggregation",
     )
     for (row_id, item, responses, _), label_votes in zip(ready, votes, strict=True):
         audit, preferences = build_label(row_id, item.prompt, responses, label_votes, cfg, meta)
@@ -167,35 +238,6 @@ def label_chunk(ctx, chunk, number, policy_backend, judge_backend, examples, met
     return results
 
 
-def gold_agreement(ctx: StageContext, judge_model: str, examples) -> tuple[float | None, int]:
-    """Share of human-labelled gold pairs where the judge's label agrees with the human's."""
-    from cai.aggregate import aggregate
-    from cai.judge import principle_votes
-    from cai.resources import data_path
-
-    cfg = ctx.config.label
-    path = Path(cfg.gold)
-    path = path if path.exists() else data_path(cfg.gold)
-    gold = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    conversations = [[{"role": "user", "content": g["prompt"]}] for g in gold]
-    responses = [[g["response_a"], g["response_b"]] for g in gold]
-    principles = [choose_principles(ctx.constitution, cfg.principles, ctx.config.seed, g["id"]) for g in gold]
-    votes = judge(
-        ctx.backend(judge_model, cfg.judge_engine),
-        ctx.builder,
-        conversations,
-        responses,
-        principles,
-        cfg,
-        examples,
-    )
-    agree = 0
-    for g, label_votes in zip(gold, votes, strict=True):
-        winner = aggregate(principle_votes(label_votes, 2), cfg.rule).ranking[0]
-        agree += winner == (0 if g["preferred"] == "a" else 1)
-    return (agree / len(gold) if gold else None), len(gold)
-
-
 def _write_parquet(path: Path, rows: list[PreferenceRow]) -> None:
     from cai.export import write_parquet
 
@@ -203,15 +245,19 @@ def _write_parquet(path: Path, rows: list[PreferenceRow]) -> None:
 
 
 def _write_card(path: Path, store: StageStore, summary: dict, constitution_hash: str) -> None:
+    from cai.audit import gold_item
     from cai.export import dataset_card, write_card
 
     config = store.config
+    gate = GateResult.model_validate(summary["gate"]) if "gate" in summary else None
     card = dataset_card(
         title=f"Constitutional AI preference labels ({config['constitution']})",
         summary=(
             "Responses sampled from the policy and compared by an AI judge under principles of the "
             "constitution, in both presentation orders; the normalised option probabilities are soft "
-            "labels. Every row's `label_id` joins the audit rows, which hold each principle's vote."
+            "labels. A principle's reading is a verdict only when both orders prefer the same response "
+            f"by at least {config['label']['min_margin']} from 0.5; pairs without a verdict carry no "
+            "signal. Every row's `label_id` joins the audit rows, which hold each principle's reading."
         ),
         provenance={
             "constitution": config["constitution"],
@@ -220,59 +266,41 @@ def _write_card(path: Path, store: StageStore, summary: dict, constitution_hash:
             "judge_model": config["judge_model"],
             "rule": config["label"]["rule"],
             "principles_per_label": config["label"]["principles"]["count"],
+            "min_margin": config["label"]["min_margin"],
+            "no_verdict": config["label"]["no_verdict"],
+            "gold_agreement": "not measured"
+            if gate is None
+            else gold_item(gate.check) + ("" if gate.passed else " (gate FAILED)"),
             "templates": ", ".join(f"{k}={v[:12]}" for k, v in config["templates"].items()),
             "config_hash": store.config_hash,
+            "upstream": ", ".join(f"{k}={v[:12]}" for k, v in store.upstream.items()) or "none",
         },
         files={
             "preferences.parquet": "TRL preference format (prompt, chosen, rejected) + provenance columns",
             "preferences.jsonl": "the same rows as JSON lines",
-            "audit.jsonl": "per label: every principle's votes in both orders, the rule, decisive principles",
+            "audit.jsonl": "per label: every principle's readings in both orders and its verdict, the rule, "
+            "decisive principles, what became of each pair",
+            "gate.json": "the judge measured on human-labelled gold pairs before labelling",
         },
         columns={
             "prompt / chosen / rejected": "conversational messages",
             "source": "ai-harmless",
-            "soft_label": "P(chosen is better) from the judge, aggregated over principles",
+            "soft_label": "P(chosen is better) from the judge, averaged over the principles with a verdict",
             "margin": "logit of the soft label",
-            "weight / contested": "training weight and whether principles disagreed",
+            "weight / contested": "training weight and whether principles' verdicts disagreed",
+            "verdict": "whether any principle gave a verdict on the pair",
             "label_id": "joins audit.jsonl",
         },
-        counts={k: v for k, v in summary.items() if isinstance(v, int)},
+        counts={k: v for k, v in summary.items() if isinstance(v, int) and not isinstance(v, bool)},
     )
     write_card(path, card)
 
 
-def print_quality(ctx: StageContext, summary: dict) -> None:
-    table = Table(title="judge quality", show_header=True)
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("what it means")
-
-    def fmt(value):
-        return "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
-
-    table.add_row(
-        "position consistency",
-        fmt(summary["position_consistency"]),
-        "same verdict in both orders (1 = no position bias)",
-    )
-    table.add_row(
-        "principle agreement", fmt(summary["principle_agreement"]), "principle weight agreeing with the label"
-    )
-    table.add_row(
-        "contested labels", fmt(summary["contested_labels"]), "principles disagreed beyond the threshold"
-    )
-    table.add_row(
-        "abstentions", fmt(summary["abstentions"]), f"of {summary['comparisons']} order-level comparisons"
-    )
-    table.add_row(
-        "gold agreement",
-        fmt(summary["gold_agreement"]),
-        f"agreement with {summary['gold_n']} human-labelled pairs",
-    )
-    ctx.console.print(table)
-
-
-def load_audits(store: StageStore) -> list[LabelAudit]:
-    return [
-        LabelAudit.model_validate_json(line) for line in (store.path / "audit.jsonl").read_text().splitlines()
-    ]
+STAGE = Stage(
+    name=NAME,
+    command="cai label",
+    help="Sample K responses per prompt and judge them under principles, in both orders (resumable).",
+    reads=("sft",),
+    key=key,
+    run=run_label,
+)

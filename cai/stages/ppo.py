@@ -1,4 +1,4 @@
-"""Stage `ppo`: our own PPO against the run's preference model, from its SFT model.
+"""Stage `ppo`: our own PPO against this config's preference model, from its SFT model.
 
     cai train ppo --config configs/quickstart.yaml
 
@@ -9,35 +9,40 @@ from the newest one (model, optimizer, scheduler, RNG, KL controller, data posit
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cai.stages.base import StageContext
+from cai.stages.base import Stage
+from cai.stages.training import training_key, training_stage
 from cai.store import StageStore
 
-
-def stage_model(store: StageStore) -> str:
-    """The model folder a training stage produced (its summary says where)."""
-    return str(store.manifest.summary.get("model_path") or store.path / "model")
+if TYPE_CHECKING:
+    from cai.stages.context import StageContext
 
 
-def run_ppo(ctx: StageContext, fresh: bool = False) -> StageStore:
-    from cai.stages.training import training_stage
-    from cai.train.ppo.trainer import train_ppo
-
+def _models(ctx: StageContext, complete: bool = False) -> tuple[str, str, dict[str, str]]:
+    """(policy, reward model, upstream hashes) for this config."""
     cfg = ctx.config.ppo
     upstream: dict[str, str] = {}
     reward = cfg.reward_model
     if reward is None:
-        pm = ctx.upstream("pm")
-        reward, upstream["pm"] = stage_model(pm), pm.config_hash
-    policy = cfg.model
-    if policy is None:
-        sft = ctx.upstream_or_none("sft")
-        if sft is not None:
-            policy, upstream["sft"] = stage_model(sft), sft.config_hash
-        else:
-            policy = ctx.config.model
+        reward, pm = ctx.model_of("pm", complete)
+        upstream.update(pm)
+    policy, sft = ctx.starting_model(cfg.model, complete)
+    return policy, reward, {**upstream, **sft}
+
+
+def key(ctx: StageContext) -> StageStore:
+    policy, _, upstream = _models(ctx)
+    return training_key(ctx, "ppo", ctx.config.ppo, policy, upstream)
+
+
+def run_ppo(ctx: StageContext, fresh: bool = False) -> StageStore:
+    from cai.train.ppo.trainer import train_ppo
+
+    cfg = ctx.config.ppo
 
     def train(output: Path, seed: int) -> tuple[dict, str]:
+        policy, reward, _ = _models(ctx, complete=True)
         result = train_ppo(cfg, output, policy=policy, reward_model=reward)
         history = result.history
         summary = {
@@ -55,8 +60,22 @@ def run_ppo(ctx: StageContext, fresh: bool = False) -> StageStore:
         first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
         what = (
             f"{result.steps} steps, reward {first.get('reward', float('nan')):.3f} -> "
-            f"{last.get('reward', float('nan')):.3f}, KL {last.get('kl', float('nan')):.3f}"
+            f"{last.get('reward', float('nan')):.3f}, KL {last.get('kl', float('nan')):.3f}, "
+            f"KL coefficient {first.get('kl_coef', float('nan')):.4g} -> "
+            f"{last.get('kl_coef', float('nan')):.4g}"
         )
         return summary, what
 
-    return training_stage(ctx, "ppo", cfg, policy, upstream, fresh, train)
+    return training_stage(ctx, "ppo", cfg, fresh, train)
+
+
+STAGE = Stage(
+    name="ppo",
+    command="cai train ppo",
+    help="PPO against the preference model with a KL penalty to the SFT model (resumable).",
+    reads=("pm", "sft"),
+    key=key,
+    run=run_ppo,
+    model_dir="policy",
+    policy=True,
+)

@@ -11,18 +11,22 @@ uninterrupted run.
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from cai.critique import SLMeta, make_jobs, run_chunk
 from cai.export import dataset_card, write_card, write_parquet
 from cai.records import SLRecord
 from cai.sources import load_prompts
-from cai.stages.base import StageContext, Timer, skip_message, usage_since
+from cai.stages.base import Stage, Timer, skip_message, usage_since
 from cai.store import StageStore, atomic_write_jsonl
 
-STAGE = "sl"
+if TYPE_CHECKING:
+    from cai.stages.context import StageContext
+
+NAME = "sl"
 
 
-def sl_store(ctx: StageContext) -> StageStore:
+def key(ctx: StageContext) -> StageStore:
     """The store this config maps to (hash of the section, model, engine, constitution, templates)."""
     cfg = ctx.config.sl
     model = cfg.model or ctx.config.model
@@ -36,12 +40,12 @@ def sl_store(ctx: StageContext) -> StageStore:
         "constitution_stage_hash": ctx.constitution.stage_hash("sl"),
         "templates": ctx.builder.template_hashes(cfg.template_names()),
     }
-    return StageStore(ctx.run_dir, STAGE, config)
+    return StageStore(ctx.run_dir, NAME, config)
 
 
 def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
     cfg = ctx.config.sl
-    store = sl_store(ctx)
+    store = ctx.store(NAME)
     if fresh:
         store.discard()
     if store.is_complete:
@@ -51,14 +55,14 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
     model = cfg.model or ctx.config.model
     with store:
         if store.repair:
-            ctx.console.print(f"[yellow]resuming {STAGE}: {store.repair}[/]")
+            ctx.console.print(f"[yellow]resuming {NAME}: {store.repair}[/]")
         done = store.committed()
         jobs = make_jobs(load_prompts(cfg.prompts), cfg.samples_per_prompt)
         chunks = [jobs[i : i + cfg.chunk_size] for i in range(0, len(jobs), cfg.chunk_size)]
         todo = [(n, [j for j in chunk if j.row_id not in done]) for n, chunk in enumerate(chunks)]
         todo = [(n, chunk) for n, chunk in todo if chunk]
         if done:
-            ctx.console.print(f"resuming {STAGE}: {len(done)} of {len(jobs)} rows already committed")
+            ctx.console.print(f"resuming {NAME}: {len(done)} of {len(jobs)} rows already committed")
         if todo:
             backend = ctx.backend(model)
             meta = SLMeta(
@@ -69,7 +73,7 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
                 template_hashes=store.config["templates"],
                 config_hash=store.config_hash,
             )
-            with ctx.progress(f"{STAGE}: critique -> revision x{cfg.rounds}", len(jobs)) as advance:
+            with ctx.progress(f"{NAME}: critique -> revision x{cfg.rounds}", len(jobs)) as advance:
                 advance(len(jobs) - sum(len(c) for _, c in todo))
                 for number, chunk in todo:
                     before = backend.usage.model_copy()
@@ -99,7 +103,7 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
             summary={**summary, "seconds": round(timer.seconds, 1)},
         )
     ctx.console.print(
-        f"[green]✓[/] {STAGE}: {summary['rows']} rows ({summary['errors']} with errors) -> {store.path}"
+        f"[green]✓[/] {NAME}: {summary['rows']} rows ({summary['errors']} with errors) -> {store.path}"
     )
     example = next((r for r in sorted_rows(rows) if not r.error and r.rounds), None)
     if example is not None:
@@ -176,3 +180,13 @@ def sl_card(ctx: StageContext, store: StageStore, summary: dict) -> str:
         },
         counts={k: v for k, v in summary.items() if isinstance(v, int)},
     )
+
+
+STAGE = Stage(
+    name=NAME,
+    command="cai generate sl",
+    help="Answer red-team prompts, then critique and revise them for N rounds (resumable).",
+    reads=(),
+    key=key,
+    run=run_sl,
+)
