@@ -84,7 +84,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_fast_bf16()}")
     fp32, t32, check = readings("float32", args.principles, args.limit, gate=True)
     bf16, t16, _ = readings("bfloat16", args.principles, args.limit, gate=False)
-    print(f"{len(fp32)} readings (gold pairs x {args.principles} principles); fp32 {t32:.0f} s, bf16 {t16:.0f} s")
+    print(f"{len(fp32)} readings (gold pairs x {args.principles} principles)", end="; ")
+    print(f"fp32 {t32:.0f} s, bf16 {t16:.0f} s")
     for name, rows in (("fp32", fp32), ("bf16", bf16)):
         consistent = sum((a > 0.5) == (b > 0.5) and a != 0.5 and b != 0.5 for a, b in rows)
         distance = sorted(abs((a + b) / 2 - 0.5) for a, b in rows)

@@ -377,10 +377,21 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _keys(stage: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's key and its inputs' keys as folder names (12 characters; manifest.json has them whole)."""
+    shown = {k: v for k, v in stage.items() if k not in ("config_hash", "upstream", "path")}
+    if "config_hash" in stage:
+        shown["key"] = str(stage["config_hash"])[:12]
+    if "upstream" in stage:
+        shown["reads"] = ", ".join(f"{name} {key[:12]}" for name, key in stage["upstream"].items()) or "–"
+    return shown
+
+
 def _summary_section(summary: Mapping[str, Any] | None) -> str:
     if not summary:
         return _not_run("no stage summary (timings, tokens) was given")
     if all(isinstance(v, Mapping) for v in summary.values()):
+        summary = {stage: _keys(v) for stage, v in summary.items()}
         # {stage: {elapsed_s, rows, usage: {...}}}: one row per stage, one column per figure.
         flat = {stage: _flatten(v) for stage, v in summary.items()}
         columns = list(dict.fromkeys(k for v in flat.values() for k in v))
@@ -412,8 +423,8 @@ def _gate_section(gate: JudgeCheck | None, failures: Sequence[str]) -> str:
         f"{gate.ci[0]:.2f} – {gate.ci[1]:.2f}; a pair without a verdict counts as no agreement. "
         f"{verdict}</p>"
     )
-    rows = [["all", gate.n, gate.agreement]] + [
-        [name, figure.n, figure.agreement] for name, figure in gate.by_category.items()
+    rows = [["all", gate.n, f"{gate.agreement:.2f}"]] + [
+        [name, figure.n, f"{figure.agreement:.2f}"] for name, figure in gate.by_category.items()
     ]
     figures = [
         ["coverage (pairs with a verdict)", _fmt(gate.coverage, 2)],

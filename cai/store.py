@@ -450,6 +450,12 @@ class StageStore:
 
     # ----------------------------------------------------------------- writing
 
+    def add_elapsed(self, seconds: float) -> None:
+        """Count work done for this stage before it was opened (a measurement that must not write)."""
+        self._require_open()
+        self._elapsed_base += seconds
+        self._save_manifest()
+
     def commit(self, rows: Sequence[BaseModel | dict[str, Any]], usage: Usage | None = None) -> None:
         """Append one batch durably: when this returns, a `kill -9` cannot lose these rows.
 

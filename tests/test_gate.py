@@ -230,6 +230,7 @@ def test_warn_labels_anyway_and_the_report_opens_with_the_banner(tmp_path):
     assert orjson.loads((store.path / GATE_FILE).read_bytes())["n"] == len(GOLD)
     summary = store.manifest.summary
     assert summary["labels"] == 4 and summary["labels_with_verdict"] == 0 and summary["preference_rows"] == 0
+    assert store.manifest.usage["score_calls"] == 1 + 2  # the gate's call counts, then 2 chunks
     page = write_run_report(ctx).read_text()
     banner = page.index('class="banner"')
     assert banner < page.index("<nav>")

@@ -142,10 +142,14 @@ def print_metrics(ctx: StageContext, rows: list[MetricRow]) -> None:
             justify="right" if column in {"value", "n", "no verdict"} else "left",
             no_wrap=column == "metric",
         )
+
+    def fmt(value: float) -> str:  # Elo ratings are whole points; rates keep 3 figures
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
     for row in rows:
-        ci = "" if row.ci_low is None else f"[{row.ci_low:.3g}, {row.ci_high:.3g}]"
+        ci = "" if row.ci_low is None else f"[{fmt(row.ci_low)}, {fmt(row.ci_high)}]"
         no_verdict = "" if row.no_verdict is None else str(row.no_verdict)
-        table.add_row(row.metric, row.policy, f"{row.value:.3g}", ci, str(row.n), no_verdict)
+        table.add_row(row.metric, row.policy, fmt(row.value), ci, str(row.n), no_verdict)
     ctx.console.print(table)
     notes = sorted({f"{row.metric}: {row.note}" for row in rows if row.note and "dropped" in row.note})
     for note in notes:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cai.backends.base import Usage
 from cai.gate import (
     HOW_TO_PROCEED,
     GateResult,
@@ -73,10 +74,12 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
     judge_model = cfg.judge_model or ctx.config.model
     examples = ctx.constitution.examples.compare[: cfg.few_shot]
     weights_in = weighting(ctx.constitution, cfg.principles)
-    gate = run_gate(ctx, store, judge_model, examples, weights_in == "aggregation")
+    gate, gate_usage = run_gate(ctx, store, judge_model, examples, weights_in == "aggregation")
     with store:
-        if gate is not None:
+        if gate is not None and gate_usage is not None:  # measured now: its cost is this stage's
             atomic_write_json(store.path / GATE_FILE, gate)
+            store.add_elapsed(gate.seconds)
+            store.commit([], usage=gate_usage)
         done = store.committed()
         items = load_prompts(cfg.prompts)
         rows = [(f"{item.key}:{item.index}", item) for item in items]
@@ -135,21 +138,24 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
 
 def run_gate(
     ctx: StageContext, store: StageStore, judge_model: str, examples, weighted: bool
-) -> JudgeCheck | None:
-    """Measure the judge on the gold pairs (or reuse the measurement of an earlier attempt).
+) -> tuple[JudgeCheck | None, Usage | None]:
+    """Measure the judge on the gold pairs, or reuse the measurement of an earlier attempt.
 
-    Runs before the stage folder is opened: under `action: halt` a failing judge leaves nothing
-    behind and nothing of an earlier attempt is touched.
+    Returns the check and, when it was measured now, what it cost. Runs before the stage folder
+    is opened: under `action: halt` a failing judge leaves nothing behind and nothing of an
+    earlier attempt is touched.
     """
     cfg = ctx.config.label
     if cfg.gold is None:
         ctx.console.print("[yellow]judge gate: off (label.gold is null): the judge is not measured[/]")
-        return None
+        return None, None
     gold = load_gold(cfg.gold)
-    check = _earlier_check(store, gold)
+    check, usage = _earlier_check(store, gold), None
     if check is None:
+        backend = ctx.backend(judge_model, cfg.judge_engine)
+        before = backend.usage.model_copy()
         check = measure_judge(
-            ctx.backend(judge_model, cfg.judge_engine),
+            backend,
             ctx.builder,
             ctx.constitution,
             gold,
@@ -159,6 +165,7 @@ def run_gate(
             gold_name=str(resolve_gold(cfg.gold)),
             examples=examples,
         )
+        usage = usage_since(backend, before)
     failures = gate_failures(check, cfg.gate)
     print_check(ctx.console, check, failures)
     if failures and cfg.gate.action == "halt":
@@ -167,7 +174,7 @@ def run_gate(
             + "\n  - ".join(failures)
             + f"\nTo proceed: {HOW_TO_PROCEED}."
         )
-    return check
+    return check, usage
 
 
 def _earlier_check(store: StageStore, gold) -> JudgeCheck | None:
