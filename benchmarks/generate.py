@@ -70,9 +70,9 @@ def main() -> None:
     if args.quick:
         args.prompts, args.new_tokens, args.naive_prompts, args.repeats = 8, 32, 2, 1
 
-    from cai.backends.base import SamplingParams
     from cai.backends.hf import HFBackend
     from cai.models import resolve_model
+    from cai.sections import SamplingParams
 
     path = resolve_model(MODEL)
     bounds = Bounds(count_params(path))
@@ -81,7 +81,7 @@ def main() -> None:
     print(f"{args.prompts} prompts, {args.new_tokens} new tokens, greedy; {versions()}; {load_average()}")
     rows: dict[str, tuple[float, int, str, float]] = {}  # name -> (seconds, tokens, dtype, bound)
 
-    from cai.config import HFEngine
+    from cai.sections import HFEngine
 
     engine = HFEngine() if args.hf_batch_size is None else HFEngine(batch_size=args.hf_batch_size)
     hf = HFBackend(MODEL, engine)

@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from cai.backends.hf import HFBackend
-    from cai.config import HFEngine, VLLMEngine
+    from cai.sections import HFEngine, VLLMEngine
 
     conversations, responses = labels(args.labels, args.response_tokens)
     engines = [("hf", lambda: HFBackend(args.model, HFEngine()))]

@@ -29,12 +29,12 @@ def readings(dtype: str, principles: int, limit: int, gate: bool):
     """Per (gold pair, principle): P(A better) read in order ab and in order ba, and the gate check."""
     from cai.backends.hf import HFBackend
     from cai.chats import ChatBuilder
-    from cai.config import HFEngine
     from cai.constitution import load_constitution
     from cai.gate import load_gold, measure_judge
     from cai.judge import LabelConfig, choose_principles, judge
     from cai.models import DEFAULT_MODEL, resolve_model
     from cai.prompts import Templates
+    from cai.sections import HFEngine
 
     constitution = load_constitution("harmless")
     builder = ChatBuilder(Templates(), constitution)

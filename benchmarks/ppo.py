@@ -46,7 +46,7 @@ def _length_reward(texts: list[str]) -> list[float]:
 
 
 def run_ppo(variant: str, model: str, samples: int, new_tokens: int, steps: int) -> dict:
-    from cai.backends.base import SamplingParams
+    from cai.sections import SamplingParams
     from cai.train.common import LoraSection
     from cai.train.ppo.config import PPOConfig
     from cai.train.ppo.trainer import PPOTrainer, load_prompts

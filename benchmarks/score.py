@@ -117,7 +117,7 @@ def _shared(prompts, encode) -> int:
 
 def hf_times(sets: dict, repeats: int) -> dict:
     from cai.backends.hf import HFBackend
-    from cai.config import HFEngine
+    from cai.sections import HFEngine
 
     reuse = HFBackend(MODEL)
     plain = HFBackend(MODEL, HFEngine(prefix_reuse=False))
@@ -144,7 +144,7 @@ def vllm_times(sets: dict, repeats: int, dtype: str) -> dict:
     from vllm.inputs import TokensPrompt
 
     from cai.backends.vllm import VLLMBackend
-    from cai.config import VLLMEngine
+    from cai.sections import VLLMEngine
 
     started = time.perf_counter()
     backend = VLLMBackend(MODEL, VLLMEngine(dtype=dtype))

@@ -464,7 +464,7 @@ def config_schema(
     from pydantic import BaseModel
     from rich.markup import escape
 
-    from cai.runconfig import RunConfig
+    from cai.config import RunConfig
 
     def rows(model: type[BaseModel], value: BaseModel | None, prefix: str):
         """Walk the fields; defaults come from the default config itself (section defaults win)."""

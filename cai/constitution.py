@@ -10,7 +10,6 @@ from the internet must not be able to run code in our template engine).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import re
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import orjson
 import yaml
 from pydantic import (
     AfterValidator,
@@ -30,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from cai.hashing import content_hash
 from cai.yamlfile import line_of, load_yaml_with_lines, yaml_error_line
 
 Stage = Literal["critique", "revision", "compare"]
@@ -189,11 +188,6 @@ class Constitution(_Strict):
         return chosen
 
 
-def content_hash(payload: Any) -> str:
-    """sha256 of canonical JSON; used for constitutions, templates and configs alike."""
-    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
 # --------------------------------------------------------------------------- errors and loading
 
 
@@ -295,16 +289,6 @@ def load_constitution(path: str | Path) -> Constitution:
 
 
 # --------------------------------------------------------------------------- sampling
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (run seed, row id, round): stable across runs and processes.
-
-    Sampling keyed by row and round, rather than by a shared RNG stream, is what lets a resumed
-    run pick exactly the principles the uninterrupted run would have picked.
-    """
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def sample_principles(

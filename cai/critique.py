@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 
 from pydantic import Field
 
-from cai.backends.base import Backend, Chat, SamplingParams
+from cai.backends.base import Backend, Chat
 from cai.chats import CRITIQUE_TEMPLATE, REVISION_TEMPLATE, ChatBuilder
-from cai.config import Section
-from cai.constitution import Constitution, Principle, derive_seed, sample_principles
+from cai.constitution import Constitution, Principle, sample_principles
+from cai.hashing import derive_seed
 from cai.records import SLRecord, SLRound
+from cai.sections import SamplingParams, Section
 from cai.sources import PromptItem, PromptSource
 
 

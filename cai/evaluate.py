@@ -51,12 +51,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import Field
 
-from cai.backends.base import Backend, Chat, SamplingParams, ScorePrompt
+from cai.backends.base import Backend, Chat, ScorePrompt
 from cai.chats import COMPARE_ANSWER_TEMPLATE, OPTIONS, ChatBuilder, as_chat
-from cai.config import Section
-from cai.constitution import derive_seed, load_constitution
+from cai.constitution import load_constitution
+from cai.hashing import derive_seed
 from cai.prompts import Templates
 from cai.records import MetricRow
+from cai.sections import SamplingParams, Section
 from cai.stats import Estimate, elo_estimates, estimate
 from cai.verdict import Reading, two_order_verdict
 

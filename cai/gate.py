@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cai.backends.base import Backend
 from cai.chats import ChatBuilder
-from cai.constitution import Constitution, content_hash
+from cai.constitution import Constitution
+from cai.hashing import content_hash
 from cai.judge import GateConfig, LabelConfig, choose_principles, judge, label_outcome
 
 Category = Literal["harm", "harm-subtle", "evasive", "helpful"]

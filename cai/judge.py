@@ -27,7 +27,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from cai.aggregate import Aggregate, PrincipleVote, aggregate
-from cai.backends.base import Backend, Chat, ChoiceScores, SamplingParams
+from cai.backends.base import Backend, Chat, ChoiceScores
 from cai.chats import (
     COMPARE_ANSWER_TEMPLATE,
     COMPARE_COT_ANSWER_TEMPLATE,
@@ -36,9 +36,10 @@ from cai.chats import (
     OPTIONS,
     ChatBuilder,
 )
-from cai.config import EngineConfig, Section
-from cai.constitution import Constitution, Principle, derive_seed, sample_principles
+from cai.constitution import Constitution, Principle, sample_principles
+from cai.hashing import derive_seed
 from cai.records import LabelAudit, OrderVote, PairVote, PreferenceRow, TrainingUse
+from cai.sections import EngineConfig, SamplingParams, Section
 from cai.sources import PromptSource
 from cai.verdict import DEFAULT_MIN_MARGIN, two_order_verdict
 

@@ -12,7 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai.aggregate import DerivedPair, RuleOutcome
-from cai.backends.base import Chat, SamplingParams
+from cai.backends.base import Chat
+from cai.sections import SamplingParams
 from cai.verdict import NoVerdict
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai.backends.base import Chat
-from cai.config import Section
+from cai.sections import Section
 
 
 class PromptSource(Section):

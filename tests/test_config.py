@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cai.config import ConfigError, HFEngine, OpenAIEngine, RunConfig, load_config
+from cai.config import ConfigError, RunConfig, load_config
 from cai.resources import shipped_dir
+from cai.sections import HFEngine, OpenAIEngine
 
 
 @pytest.mark.parametrize("path", sorted(shipped_dir("configs").glob("*.yaml")), ids=lambda p: p.name)

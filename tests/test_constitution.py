@@ -10,11 +10,11 @@ import pytest
 from cai.constitution import (
     ConstitutionError,
     ConstitutionSecurityError,
-    derive_seed,
     load_constitution,
     parse_constitution,
     sample_principles,
 )
+from cai.hashing import derive_seed
 from cai.resources import shipped_dir
 
 GOOD = textwrap.dedent(

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from cai.backends.base import ChoiceScores, SamplingParams, Usage
+from cai.backends.base import ChoiceScores, Usage
 from cai.constitution import load_constitution
 from cai.evaluate import (
     EvalConfig,
@@ -31,6 +31,7 @@ from cai.evaluate import (
     win_rate,
 )
 from cai.prompts import Templates
+from cai.sections import SamplingParams
 from cai.stats import Estimate, bootstrap_ci, elo_estimates, elo_ratings
 from cai.verdict import two_order_verdict
 
@@ -380,7 +381,7 @@ def test_bad_inputs_are_named():
 
 def test_tiny_model_judges_and_answers(tiny_models):
     from cai.backends.hf import HFBackend
-    from cai.config import HFEngine
+    from cai.sections import HFEngine
 
     backend = HFBackend(str(tiny_models.causal_lm), HFEngine(device="cpu"))
     try:

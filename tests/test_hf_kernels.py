@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cai.backends.base import SamplingParams
+from cai.sections import SamplingParams
 
 CHATS = [
     [{"role": "user", "content": "Tell me a long story about a harbour and its lighthouse keeper."}],
@@ -17,7 +17,7 @@ CHATS = [
 
 def _backend(path: str, attention: str, pack: bool):
     from cai.backends.hf import HFBackend
-    from cai.config import HFEngine
+    from cai.sections import HFEngine
 
     engine = HFEngine(
         dtype="float32", score_dtype="float32", attn_implementation=attention, pack_linears=pack
@@ -146,7 +146,7 @@ def test_the_backend_packs_only_models_it_owns(lively_tiny_lm):
 
     from cai.backends.hf import HFBackend
     from cai.backends.hf_kernels import can_pack_linears
-    from cai.config import HFEngine
+    from cai.sections import HFEngine
 
     if not can_pack_linears():
         pytest.skip("this torch build has no oneDNN packed linear")

@@ -33,8 +33,8 @@ def test_second_resolution_reuses_the_cache(default_model_path, session_cache, m
 
 @pytest.mark.slow
 def test_default_model_writes_coherent_text(default_model_path):
-    from cai.backends.base import SamplingParams
     from cai.backends.hf import HFBackend
+    from cai.sections import SamplingParams
 
     backend = HFBackend(default_model_path)
     completion = backend.generate(

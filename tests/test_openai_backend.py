@@ -19,9 +19,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from tenacity import wait_none
 
-from cai.backends.base import SamplingParams, ScorePrompt
+from cai.backends.base import ScorePrompt
 from cai.backends.openai import FLOOR_OFFSET, OpenAIBackend, option_logprobs
-from cai.config import OpenAIEngine
+from cai.sections import OpenAIEngine, SamplingParams
 
 TOP = [("A", -0.2), ("B", -1.9), (" A", -3.0), ("The", -4.0)]
 

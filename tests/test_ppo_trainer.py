@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai.backends.base import SamplingParams
+from cai.sections import SamplingParams
 from cai.train.ppo.config import PPOConfig
 from cai.train.ppo.trainer import NonFiniteError, PPOTrainer, load_prompts, warning_signs
 

@@ -10,8 +10,9 @@ from rich.console import Console
 
 from cai.chats import ChatBuilder
 from cai.config import load_config
-from cai.constitution import derive_seed, load_constitution, sample_principles
+from cai.constitution import load_constitution, sample_principles
 from cai.critique import SLConfig, SLMeta, make_jobs, run_chunk
+from cai.hashing import derive_seed
 from cai.prompts import Templates
 from cai.records import SLRecord
 from cai.sources import PromptSource, load_prompts

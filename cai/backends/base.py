@@ -20,6 +20,9 @@ from typing import Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict
 
+from cai.hashing import derive_seed
+from cai.sections import SamplingParams
+
 
 class Message(TypedDict):
     role: str  # "system" | "user" | "assistant"
@@ -27,26 +30,6 @@ class Message(TypedDict):
 
 
 Chat = list[Message]
-
-
-class SamplingParams(BaseModel):
-    """How to sample; recorded with every generated row, and part of a stage's config hash."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_new_tokens: int = Field(256, ge=1, description="Upper bound on generated tokens.")
-    temperature: float = Field(0.7, ge=0, description="0 means greedy decoding.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    n: int = Field(1, ge=1, description="Completions per chat.")
-    seed: int | None = Field(0, description="Seed; the same seed, inputs and backend reproduce a call.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings (not included in the text).")
-    repetition_penalty: float = Field(
-        1.0, gt=0, description="Above 1 discourages repeats; small models loop without it (not on OpenAI)."
-    )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 FinishReason = Literal["stop", "length", "error"]
@@ -176,3 +159,15 @@ class Backend(Protocol):
     def score_choices(self, prompts: Sequence[ScorePrompt], options: Sequence[str]) -> list[ChoiceScores]: ...
 
     def close(self) -> None: ...
+
+
+def request_seed(seed: int | None, index: int) -> int | None:
+    """The seed of item `index` of a call seeded with `seed` (None stays unseeded).
+
+    Seeding each request on its own, rather than the whole batch, makes an item's samples
+    independent of what else is in the batch (and of the order a server runs requests in).
+    31 bits, because some OpenAI-compatible servers reject larger seeds.
+    """
+    if seed is None:
+        return None
+    return derive_seed("request", seed, index) % (2**31 - 1)

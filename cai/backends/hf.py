@@ -14,17 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cai.backends.base import (
-    Chat,
-    ChoiceScores,
-    Completion,
-    Sample,
-    SamplingParams,
-    ScorePrompt,
-    Usage,
-)
+from cai.backends.base import Chat, ChoiceScores, Completion, Sample, ScorePrompt, Usage
 from cai.backends.hf_kernels import can_pack_linears, growing_cache, pack_linears
-from cai.config import HFEngine
+from cai.sections import HFEngine, SamplingParams
 
 log = logging.getLogger("cai.backends.hf")
 

@@ -26,9 +26,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cai.backends import request_seed
-from cai.backends.base import Chat, ChoiceScores, Completion, Sample, SamplingParams, ScorePrompt, Usage
-from cai.config import OpenAIEngine
+from cai.backends.base import Chat, ChoiceScores, Completion, Sample, ScorePrompt, Usage, request_seed
+from cai.sections import OpenAIEngine, SamplingParams
 
 log = logging.getLogger("cai.backends.openai")
 

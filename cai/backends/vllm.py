@@ -27,9 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cai.backends import request_seed
-from cai.backends.base import Chat, ChoiceScores, Completion, Sample, SamplingParams, ScorePrompt, Usage
-from cai.config import VLLMEngine
+from cai.backends.base import Chat, ChoiceScores, Completion, Sample, ScorePrompt, Usage, request_seed
+from cai.sections import SamplingParams, VLLMEngine
 
 log = logging.getLogger("cai.backends.vllm")
 

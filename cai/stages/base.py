@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pydantic import BaseModel
+
 from cai.backends.base import Backend, Usage
 from cai.store import StageStore
 
@@ -34,8 +36,10 @@ class Stage:
     """One stage of the recipe, as the pipeline, the CLI, eval and the report see it.
 
     `key(ctx)` returns the stage's store for the context's config (computed, never looked up);
-    `run(ctx, fresh)` produces it. `model_dir` names the sub-folder of a training stage's output
-    that holds its model; `policy` stages are compared by `cai eval` against the base model.
+    `run(ctx, fresh)` produces it. `config` is the stage's section of the run config (under the
+    stage's name, described by `about`); `default` stages are in the default recipe. `model_dir`
+    names the sub-folder of a training stage's output that holds its model; `policy` stages are
+    compared by `cai eval` against the base model.
     """
 
     name: str
@@ -44,6 +48,9 @@ class Stage:
     reads: tuple[str, ...]
     key: Callable[[StageContext], StageStore] | None
     run: Callable[..., object]
+    config: type[BaseModel] | None = None
+    about: str = ""
+    default: bool = True
     model_dir: str | None = None
     policy: bool = False
 

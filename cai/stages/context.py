@@ -132,7 +132,7 @@ class StageContext:
 
     def backend(self, model: str, engine: Any = None) -> Backend:
         """An engine for `model`, created on first use and reused by later stages of the run."""
-        from cai.backends import make_backend
+        from cai.backends.registry import make_backend
 
         engine = engine or self.config.engine
         key = f"{model}|{engine.model_dump_json()}"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from cai.stages.base import Stage
 from cai.stages.training import training_key, training_stage
 from cai.store import StageStore
+from cai.train.dpo import DPOConfig
 
 if TYPE_CHECKING:
     from cai.stages.context import StageContext
@@ -46,4 +47,7 @@ STAGE = Stage(
     run=run_dpo,
     model_dir="model",
     policy=True,
+    config=DPOConfig,
+    about="DPO on the mix (alternative to PM + PPO).",
+    default=False,
 )

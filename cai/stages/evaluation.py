@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
+from cai.evaluate import EvalConfig
 from cai.records import MetricRow
 from cai.stages.base import Stage, Timer, skip_message
 from cai.store import StageStore, atomic_write_jsonl
@@ -170,4 +171,6 @@ STAGE = Stage(
     reads=("sft", "ppo", "dpo", "rloo", "pm"),
     key=key,
     run=run_eval,
+    config=EvalConfig,
+    about="Policy comparison with the judge.",
 )

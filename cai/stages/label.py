@@ -30,7 +30,7 @@ from cai.gate import (
     print_check,
     resolve_gold,
 )
-from cai.judge import LabelMeta, build_label, choose_principles, judge, weighting
+from cai.judge import LabelConfig, LabelMeta, build_label, choose_principles, judge, weighting
 from cai.records import LabelAudit, LabelResult, PreferenceRow
 from cai.sources import load_prompts
 from cai.stages.base import Stage, Timer, skip_message, usage_since
@@ -179,7 +179,7 @@ def run_gate(
 
 def _earlier_check(store: StageStore, gold) -> JudgeCheck | None:
     """The gate measured by an earlier attempt of this stage on the same gold pairs."""
-    from cai.constitution import content_hash
+    from cai.hashing import content_hash
 
     file = store.path / GATE_FILE
     if not file.is_file():
@@ -209,7 +209,7 @@ def _order_key(row_id: str) -> tuple[str, int]:
 
 def label_chunk(ctx, chunk, number, policy_backend, judge_backend, examples, meta) -> list[LabelResult]:
     """Sample K responses per prompt (one call), judge them all (one scoring call)."""
-    from cai.constitution import derive_seed
+    from cai.hashing import derive_seed
 
     cfg = ctx.config.label
     params = cfg.sampling.model_copy(
@@ -310,4 +310,6 @@ STAGE = Stage(
     reads=("sft",),
     key=key,
     run=run_label,
+    config=LabelConfig,
+    about="Feedback stage: AI preference labels.",
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from cai.mix import MixConfig
 from cai.records import PreferenceRow
 from cai.stages.base import Stage, skip_message
 from cai.store import StageStore
@@ -81,4 +82,6 @@ STAGE = Stage(
     reads=("label",),
     key=key,
     run=run_mix,
+    config=MixConfig,
+    about="AI harmlessness + human helpfulness mix.",
 )

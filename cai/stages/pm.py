@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from cai.stages.base import Stage
 from cai.stages.training import training_key, training_stage
 from cai.store import StageStore
+from cai.train.reward import PMConfig
 
 if TYPE_CHECKING:
     from cai.stages.context import StageContext
@@ -47,4 +48,6 @@ STAGE = Stage(
     key=key,
     run=run_pm,
     model_dir="model",
+    config=PMConfig,
+    about="Preference model on the mix.",
 )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from cai.stages.base import Stage
 from cai.stages.training import training_key, training_stage
 from cai.store import StageStore
+from cai.train.ppo.config import PPOConfig
 
 if TYPE_CHECKING:
     from cai.stages.context import StageContext
@@ -78,4 +79,6 @@ STAGE = Stage(
     run=run_ppo,
     model_dir="policy",
     policy=True,
+    config=PPOConfig,
+    about="Our PPO against the PM, KL to the SFT model.",
 )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from cai.stages.base import Stage
 from cai.stages.training import training_key, training_stage
 from cai.store import StageStore
+from cai.train.rloo import RLOOConfig
 
 if TYPE_CHECKING:
     from cai.stages.context import StageContext
@@ -47,4 +48,7 @@ STAGE = Stage(
     run=run_rloo,
     model_dir="model",
     policy=True,
+    config=RLOOConfig,
+    about="RLOO against the PM (alternative to PPO).",
+    default=False,
 )

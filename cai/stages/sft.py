@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from cai.stages.base import Stage
 from cai.stages.training import training_key, training_stage
 from cai.store import StageStore
+from cai.train.sft import SFTConfig
 
 if TYPE_CHECKING:
     from cai.stages.context import StageContext
@@ -50,4 +51,6 @@ STAGE = Stage(
     run=run_sft,
     model_dir="model",
     policy=True,
+    config=SFTConfig,
+    about="Fine-tuning on the final revisions.",
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from cai.critique import SLMeta, make_jobs, run_chunk
+from cai.critique import SLConfig, SLMeta, make_jobs, run_chunk
 from cai.export import dataset_card, write_card, write_parquet
 from cai.records import SLRecord
 from cai.sources import load_prompts
@@ -189,4 +189,6 @@ STAGE = Stage(
     reads=(),
     key=key,
     run=run_sl,
+    config=SLConfig,
+    about="Supervised stage: critique -> revision.",
 )

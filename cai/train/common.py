@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from cai.config import Section
+from cai.sections import Section
 
 
 class LoraSection(Section):

@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from cai.config import Section
 from cai.records import PreferenceRow
+from cai.sections import Section
 from cai.train.common import (
     LoraSection,
     TrainResult,

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 
 from cai.backends.base import Chat
-from cai.config import Section
 from cai.records import PreferenceRow
+from cai.sections import Section
 from cai.train.common import (
     LoraSection,
     TrainSection,

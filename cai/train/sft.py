@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import Field
 
 from cai.backends.base import Chat
-from cai.config import Section
+from cai.sections import Section
 from cai.train.common import (
     LoraSection,
     TrainResult,

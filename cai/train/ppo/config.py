@@ -13,8 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cai.backends.base import SamplingParams
-from cai.config import Section
+from cai.sections import SamplingParams, Section
 from cai.train.common import LoraSection
 
 

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from cai.backends.base import Chat, Completion, Sample, SamplingParams
+from cai.backends.base import Chat, Completion
+from cai.sections import SamplingParams
 
 if TYPE_CHECKING:
     from cai.train.common import LoraSection
@@ -239,7 +240,11 @@ class HFRollout:
 
 
 class VLLMRollout:
-    """Rollouts through vLLM's offline engine, with the policy's weights pushed in before each.
+    """Rollouts through cai's vLLM backend, with the policy's weights pushed in before each.
+
+    Generation is `cai.backends.vllm.VLLMBackend`'s own (the engine labelling and eval use), so
+    rollouts are sampled, seeded and decoded exactly as everywhere else; this class adds only
+    the weight sync.
 
     Weight sync uses vLLM's documented RLHF extension point: `LLM(worker_extension_cls=...)`
     mixes `_VLLMWeightLoader` into every worker, and `LLM.collective_rpc("cai_receive_weights", ...)`
@@ -270,33 +275,26 @@ class VLLMRollout:
         enforce_eager: bool = True,
         **llm_kwargs: Any,
     ) -> None:
-        from vllm import LLM
+        from cai.backends.vllm import VLLMBackend
+        from cai.sections import VLLMEngine
 
-        if not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-            llm_kwargs.setdefault("block_size", 32)
-        else:
-            llm_kwargs.setdefault("gpu_memory_utilization", gpu_memory_utilization)
-        self.tokenizer = tokenizer
-        self.llm = LLM(
-            model=model_path,
-            dtype=dtype,
+        engine = VLLMEngine(
+            dtype=dtype,  # type: ignore[arg-type]
             seed=seed,
             enforce_eager=enforce_eager,
-            worker_extension_cls=f"{__name__}._VLLMWeightLoader",
-            **llm_kwargs,
+            gpu_memory_utilization=gpu_memory_utilization,
+            extra={"worker_extension_cls": f"{__name__}._VLLMWeightLoader", **llm_kwargs},
         )
+        self.backend = VLLMBackend(model_path, engine)
+        self.llm = self.backend.llm
+        self.tokenizer = tokenizer
 
     def encode_chat(self, chat: Chat) -> list[int]:
-        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.backend.encode_chat(chat)
 
     def close(self) -> None:
-        """Stop vLLM's engine process now (LLM has no public shutdown; without this it lingers
-        until interpreter exit, holding its KV cache)."""
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        """Stop vLLM's engine process now, freeing its KV cache (see VLLMBackend.close)."""
+        self.backend.close()
 
     def sync(self, policy: PolicyWithValue, chunk_bytes: int = 256 << 20) -> None:
         from safetensors.torch import save
@@ -307,33 +305,7 @@ class VLLMRollout:
         self.llm.reset_prefix_cache()
 
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
-        from vllm import SamplingParams as VSamplingParams
-        from vllm.inputs import TokensPrompt
-
-        prompts = [self.encode_chat(chat) for chat in chats]
-        vparams = VSamplingParams(
-            n=params.n,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            max_tokens=params.max_new_tokens,
-            seed=params.seed,
-        )
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], vparams, use_tqdm=False
-        )
-        eos = self.tokenizer.eos_token_id
-        completions = []
-        for prompt, out in zip(prompts, outputs, strict=True):
-            samples = []
-            for o in out.outputs:
-                ids = list(o.token_ids)
-                finish = "stop" if o.finish_reason == "stop" else "length"
-                if ids and ids[-1] == eos:  # Sample.token_ids excludes the EOS, as in the hf backend
-                    ids = ids[:-1]
-                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-                samples.append(Sample(text=text, tokens=len(ids), finish_reason=finish, token_ids=ids))
-            completions.append(Completion(samples=samples, prompt_tokens=len(prompt)))
-        return completions
+        return self.backend.generate(chats, params)
 
 
 class _VLLMWeightLoader:

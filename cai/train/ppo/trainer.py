@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from cai.backends.base import Chat, Completion
+from cai.hashing import derive_seed
 from cai.train.common import use_bf16
 from cai.train.ppo.config import PPOConfig
 from cai.train.ppo.core import (
@@ -122,12 +123,6 @@ class Rollouts:
         names = ("input_ids", "attention_mask", "position_ids", "response_ids", "mask")
         names += ("old_logprobs", "old_values", "advantages", "returns")
         return {name: getattr(self, name)[index] for name in names}
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 31-bit seed from (config seed, step, purpose, rank...): stable across runs and processes."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 # --------------------------------------------------------------------------------------- data
