@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cai.aggregate import SCORE_DECIMALS, DerivedPair
+from cai.aggregate import DerivedPair
 from cai.records import LabelAudit, OrderVote, PairVote
+from cai.rules import SCORE_DECIMALS
 from cai.verdict import NO_VERDICT_REASONS
 
 if TYPE_CHECKING:

@@ -224,11 +224,11 @@ def _run_stage(config: str, overrides: list[str] | None, stage) -> None:
     """Run one stage function with clear errors for everything a user can fix."""
     from cai.constitution import ConstitutionError
     from cai.gate import GoldError, JudgeGateError
+    from cai.ledger import StoreError
     from cai.models import ModelNotFoundError
     from cai.prompts import TemplateError
     from cai.sources import PromptSourceError
     from cai.stages.base import StageMissingError
-    from cai.store import StoreError
 
     ctx = _context(config, overrides)
     try:

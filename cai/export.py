@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from cai.store import atomic_write_bytes
+from cai.atomic import atomic_write_bytes
 
 
 def _plain(row: BaseModel | Mapping[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cai.aggregate import Aggregate, PrincipleVote, aggregate
+from cai.aggregate import Aggregate, aggregate
 from cai.backends.base import Backend, Chat, ChoiceScores
 from cai.chats import (
     COMPARE_ANSWER_TEMPLATE,
@@ -39,6 +39,7 @@ from cai.chats import (
 from cai.constitution import Constitution, Principle, sample_principles
 from cai.hashing import derive_seed
 from cai.records import LabelAudit, OrderVote, PairVote, PreferenceRow, TrainingUse
+from cai.rules import PrincipleVote
 from cai.sections import EngineConfig, SamplingParams, Section
 from cai.sources import PromptSource
 from cai.verdict import DEFAULT_MIN_MARGIN, two_order_verdict
@@ -157,7 +158,7 @@ class LabelConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> LabelConfig:
-        from cai.aggregate import RULES
+        from cai.rules import RULES
 
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; known: {', '.join(sorted(RULES))}")

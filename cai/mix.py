@@ -1,65 +1,26 @@
-"""Human preference data in, one mixed preference dataset out (the PM's training set).
+"""One mixed preference dataset out: AI harmlessness labels + human helpfulness preferences.
 
-    python -c "from cai.mix import *; print(load_preferences(PreferenceSource(path='hh_helpful.jsonl'))[1])"
+    cai mix --config configs/quickstart.yaml
 
 Constitutional AI trains its preference model on AI-labelled harmlessness comparisons *mixed
 with* human-labelled helpfulness comparisons; without the human half the PM learns that the
-safest answer is always the evasive one. This module reads the human half from the formats it
-is published in, and mixes it with the AI rows:
-
-* Anthropic HH-RLHF files (`.jsonl` / `.jsonl.gz`, `chosen` / `rejected` transcripts in the
-  ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` form), parsed into conversations;
-* TRL preference datasets (a `save_to_disk` folder, parquet or JSON), explicit prompt
-  (`prompt`/`chosen`/`rejected`) or implicit prompt (`chosen`/`rejected` only);
-* plain JSONL with one preference per line, in any of those shapes (our own files included).
-
-Public data is messy (HH-RLHF has empty turns and doubled Human turns), so loaders never stop
-at a bad row: they count it and say where it was (`LoadReport`). Only a missing file raises.
-Every row becomes a `PreferenceRow` (TRL's conversational, explicit-prompt format plus
-provenance); `to_dataset` turns rows into a `datasets.Dataset` that trl's RewardTrainer and
-DPOTrainer take as is.
+safest answer is always the evasive one. The human half comes from `cai.preferences`' loaders
+(one config entry each, `PreferenceSource`); `mix` takes exact counts or ratios of each group.
 """
 
 from __future__ import annotations
 
-import gzip
 import math
-import os
 import random
-import re
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from cai.backends.base import Chat, Message
+from cai.preferences import LoadReport, load_hh, load_jsonl, load_trl_preferences
 from cai.records import PreferenceRow
-
-if TYPE_CHECKING:
-    import datasets
-
-__all__ = [
-    "MAX_PROBLEMS",
-    "HHParseError",
-    "LoadReport",
-    "PreferenceSource",
-    "hh_pair_to_row",
-    "load_hh",
-    "load_jsonl",
-    "load_preferences",
-    "load_trl_preferences",
-    "mix",
-    "parse_hh_transcript",
-    "read_preferences",
-    "to_dataset",
-    "write_preferences",
-]
-
-MAX_PROBLEMS = 20
-"""A report keeps this many problem lines: enough to see a pattern, not a copy of a bad file."""
+from cai.sections import Section
 
 RATIO_TOL = 1e-6
 """Ratios come from YAML (0.3 + 0.7 is not exactly 1.0 in floats), hence a tolerance."""
@@ -67,308 +28,14 @@ RATIO_TOL = 1e-6
 _QUOTA_DECIMALS = 9
 """Quotas are rounded before taking floors, so 0.3 * 10 = 3.0000000000000004 cannot matter."""
 
-OPTIONAL_FIELDS = ("label_id", "soft_label", "margin", "weight", "contested")
-"""PreferenceRow fields a JSONL or TRL row may carry through (e.g. our own exported rows)."""
-
-
-# --------------------------------------------------------------------------------------------
-# HH-RLHF transcripts
-# --------------------------------------------------------------------------------------------
-
-
-class HHParseError(ValueError):
-    """A transcript or pair that is not a well-formed HH-RLHF conversation; says what is wrong."""
-
-
-# Only a role word right after a blank line starts a turn: "the Human: label" inside a turn's
-# text is content, which is how HH-RLHF's own data reads.
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-
-def _message(role: str, content: str) -> Message:
-    return {"role": role, "content": content}
-
-
-def parse_hh_transcript(text: str) -> Chat:
-    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> [user a, assistant b], validated.
-
-    A PM pair needs a shared prompt and one final answer per side, so a transcript must start
-    with Human, alternate, have no empty turn and end with Assistant.
-    """
-    if not isinstance(text, str):
-        raise HHParseError(f"transcript is not a string (got {type(text).__name__})")
-    body = text.replace("\r\n", "\n").lstrip()
-    if not body.startswith(("Human:", "Assistant:")):
-        if _HH_TURN.search(body) is None:
-            raise HHParseError("no turns: expected '\\n\\nHuman: ...\\n\\nAssistant: ...'")
-        raise HHParseError("text before the first turn: a transcript must start with 'Human:'")
-    parts = _HH_TURN.split("\n\n" + body)[1:]  # ['Human', ' a', 'Assistant', ' b', ...]
-    chat: Chat = []
-    for number, (label, content) in enumerate(zip(parts[::2], parts[1::2], strict=True), start=1):
-        if number == 1 and label != "Human":
-            raise HHParseError("first turn is Assistant: a transcript must start with 'Human:'")
-        if chat and chat[-1]["role"] == _HH_ROLES[label]:
-            raise HHParseError(
-                f"roles not alternating: two {label} turns in a row (turns {number - 1}-{number})"
-            )
-        if not content.strip():
-            raise HHParseError(f"empty {label} turn (turn {number})")
-        chat.append(_message(_HH_ROLES[label], content.strip()))
-    if chat[-1]["role"] != "assistant":
-        raise HHParseError("ends with a Human turn: missing final Assistant turn")
-    return chat
-
-
-def _split_pair(prompt: Chat, chosen: Chat, rejected: Chat, source: str) -> PreferenceRow:
-    """The checks every loader shares: a prompt to condition on, and two different answers."""
-    if not prompt:
-        raise HHParseError("no shared prompt: chosen and rejected differ from the first message")
-    if not chosen or not rejected:
-        raise HHParseError(f"{'chosen' if not chosen else 'rejected'} has no answer after the prompt")
-    if chosen == rejected:
-        # Identical answers give the PM a zero gradient and a free "correct" in its accuracy.
-        raise HHParseError("chosen and rejected are identical")
-    return PreferenceRow(prompt=prompt, chosen=chosen, rejected=rejected, source=source)
-
-
-def hh_pair_to_row(chosen: str, rejected: str, source: str) -> PreferenceRow:
-    """One HH-RLHF comparison -> a PreferenceRow: shared turns as prompt, final answers as sides."""
-    sides = {}
-    for name, text in (("chosen", chosen), ("rejected", rejected)):
-        try:
-            sides[name] = parse_hh_transcript(text)
-        except HHParseError as err:
-            raise HHParseError(f"{name}: {err}") from None
-    prompt, other = sides["chosen"][:-1], sides["rejected"][:-1]
-    if prompt != other:
-        turn = next(
-            (i for i, (a, b) in enumerate(zip(prompt, other, strict=False)) if a != b),
-            min(len(prompt), len(other)),
-        )
-        raise HHParseError(f"chosen and rejected prompts differ (from turn {turn + 1})")
-    return _split_pair(prompt, sides["chosen"][-1:], sides["rejected"][-1:], source)
-
-
-# --------------------------------------------------------------------------------------------
-# Load reports
-# --------------------------------------------------------------------------------------------
-
-
-class LoadReport(BaseModel):
-    """What a loader kept and what it skipped; stages log it and store it in the run directory."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str
-    rows: int = 0
-    malformed: int = 0
-    problems: list[str] = Field(
-        default_factory=list, description=f"First {MAX_PROBLEMS}: 'file:line: reason'."
-    )
-
-    def problem(self, where: int | str, reason: str) -> None:
-        """Count one bad row; remember its location while there is room."""
-        self.malformed += 1
-        if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(f"{self.path}:{where}: {reason}")
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.rows} rows, {self.malformed} malformed"
-
-
-def _existing(path: Path | str) -> Path:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"preference data not found: {path}")
-    return path
-
-
-def _json_lines(path: Path, report: LoadReport) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) for each non-blank line; bad JSON goes to the report.
-
-    Lines are read as bytes so one line of broken UTF-8 is one malformed row, not a crash, and
-    gzip is recognised by its magic bytes rather than trusted to the file name.
-    """
-    with path.open("rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    number = 0
-    with gzip.open(path, "rb") if gzipped else path.open("rb") as handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield number, orjson.loads(line)
-                except orjson.JSONDecodeError as err:
-                    report.problem(number, f"bad JSON ({err})")
-        except (EOFError, OSError) as err:  # truncated or corrupt gzip stream
-            report.problem(number + 1, f"unreadable from here on ({err})")
-
-
-# --------------------------------------------------------------------------------------------
-# Row shapes (TRL formats and plain JSONL)
-# --------------------------------------------------------------------------------------------
-
-
-def _as_chat(value: Any, name: str, default_role: str) -> Chat:
-    """A string (one message of `default_role`) or a list of {role, content} messages."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise HHParseError(f"{name} is an empty string")
-        return [_message(default_role, value)]
-    if not isinstance(value, list):
-        raise HHParseError(f"{name} is neither a string nor a list of messages (got {type(value).__name__})")
-    chat: Chat = []
-    for i, message in enumerate(value):
-        if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)):
-            raise HHParseError(f"{name}[{i}] is not a message with a 'role'")
-        if not isinstance(message.get("content"), str):
-            raise HHParseError(f"{name}[{i}] has no text content")
-        chat.append(_message(message["role"], message["content"]))
-    return chat
-
-
-def _common_prefix(a: Chat, b: Chat) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def _row_from_example(example: Mapping[str, Any], source: str) -> PreferenceRow:
-    """Any accepted shape -> PreferenceRow; HHParseError says why a row does not fit."""
-    missing = [key for key in ("chosen", "rejected") if example.get(key) is None]
-    if missing:
-        raise HHParseError(f"missing key {missing[0]!r}")
-    if example.get("prompt") is not None:  # explicit prompt
-        row = _split_pair(
-            _as_chat(example["prompt"], "prompt", "user"),
-            _as_chat(example["chosen"], "chosen", "assistant"),
-            _as_chat(example["rejected"], "rejected", "assistant"),
-            source,
-        )
-    elif isinstance(example["chosen"], str) and isinstance(example["rejected"], str):
-        # Implicit prompt in plain strings is how HH-RLHF itself is published (e.g. as parquet).
-        if "Human:" not in example["chosen"]:
-            raise HHParseError("implicit-prompt strings must be HH transcripts ('\\n\\nHuman: ...')")
-        row = hh_pair_to_row(example["chosen"], example["rejected"], source)
-    else:  # implicit prompt, conversational: the shared turns are the prompt
-        chosen = _as_chat(example["chosen"], "chosen", "assistant")
-        rejected = _as_chat(example["rejected"], "rejected", "assistant")
-        n = _common_prefix(chosen, rejected)
-        row = _split_pair(chosen[:n], chosen[n:], rejected[n:], source)
-    extras = {key: example[key] for key in OPTIONAL_FIELDS if example.get(key) is not None}
-    if extras:
-        row = PreferenceRow.model_validate({**row.model_dump(), **extras})
-    return row
-
-
-def _hh_example(example: Mapping[str, Any], source: str) -> PreferenceRow:
-    for key in ("chosen", "rejected"):
-        if key not in example:
-            raise HHParseError(f"missing key {key!r}")
-    return hh_pair_to_row(example["chosen"], example["rejected"], source)
-
-
-def _collect(
-    items: Iterator[tuple[int | str, Any]],
-    report: LoadReport,
-    source: str,
-    limit: int | None,
-    own_source: bool = False,
-    convert: Callable[[Mapping[str, Any], str], PreferenceRow] = _row_from_example,
-) -> list[PreferenceRow]:
-    """Convert each item, counting (never raising on) the ones that do not fit."""
-    rows: list[PreferenceRow] = []
-    for where, example in items:
-        if limit is not None and len(rows) >= limit:
-            break
-        if not isinstance(example, Mapping):
-            report.problem(where, f"expected a JSON object, got {type(example).__name__}")
-            continue
-        row_source = (
-            example.get("source") if own_source and isinstance(example.get("source"), str) else source
-        )
-        try:
-            rows.append(convert(example, row_source))
-        except (HHParseError, ValidationError) as err:
-            reason = (
-                str(err) if isinstance(err, HHParseError) else f"invalid field ({err.errors()[0]['msg']})"
-            )
-            report.problem(where, reason)
-    report.rows = len(rows)
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Loaders
-# --------------------------------------------------------------------------------------------
-
-
-def load_hh(
-    path: Path, source: str = "human-helpful", limit: int | None = None
-) -> tuple[list[PreferenceRow], LoadReport]:
-    """Anthropic HH-RLHF `.jsonl` / `.jsonl.gz` -> rows, plus a report of the lines skipped."""
-    path = _existing(path)
-    report = LoadReport(path=str(path))
-    return _collect(_json_lines(path, report), report, source, limit, convert=_hh_example), report
-
-
-def load_jsonl(
-    path: Path, source: str = "human-helpful", limit: int | None = None, keep_row_source: bool = True
-) -> tuple[list[PreferenceRow], LoadReport]:
-    """One preference per line, in any accepted shape; extra PreferenceRow fields are kept.
-
-    With `keep_row_source` a row's own `source` wins over `source`, so re-reading a file of AI
-    rows cannot silently relabel them as human ones.
-    """
-    path = _existing(path)
-    report = LoadReport(path=str(path))
-    return _collect(_json_lines(path, report), report, source, limit, keep_row_source), report
-
-
-def _read_dataset(path: Path, split: str) -> datasets.Dataset:
-    import datasets
-
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise KeyError(f"{path} has no split {split!r}; it has {', '.join(loaded)}")
-            loaded = loaded[split]
-        return loaded
-    suffixes = "".join(path.suffixes[-2:])
-    if path.suffix == ".parquet":
-        return datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-    if path.suffix in (".json", ".jsonl") or suffixes in (".json.gz", ".jsonl.gz"):
-        return datasets.Dataset.from_json(str(path), keep_in_memory=True)
-    raise ValueError(f"{path}: expected a datasets folder, .parquet, .json or .jsonl")
-
-
-def load_trl_preferences(
-    path: Path, source: str, split: str = "train", limit: int | None = None
-) -> tuple[list[PreferenceRow], LoadReport]:
-    """A TRL preference dataset (explicit or implicit prompt, strings or conversations) -> rows.
-
-    Problems are located by row index ("path:row 12: ..."), since a dataset has no lines.
-    """
-    path = _existing(path)
-    report = LoadReport(path=str(path))
-    dataset = _read_dataset(path, split)
-    items = ((f"row {i}", example) for i, example in enumerate(dataset))
-    return _collect(items, report, source, limit), report
-
 
 # --------------------------------------------------------------------------------------------
 # Config entry
 # --------------------------------------------------------------------------------------------
 
 
-class PreferenceSource(BaseModel):
+class PreferenceSource(Section):
     """One entry of a run config's list of preference data to mix in."""
-
-    model_config = ConfigDict(extra="forbid")
 
     path: str = Field(description="A file or datasets folder, or the name of a file shipped in cai/data.")
     format: Literal["hh", "trl", "jsonl"] = Field("hh", description="HH-RLHF, a TRL dataset, or plain JSONL.")
@@ -490,85 +157,8 @@ def mix(
     return mixed
 
 
-# --------------------------------------------------------------------------------------------
-# Output: datasets and files
-# --------------------------------------------------------------------------------------------
-
-
-def _features() -> datasets.Features:
-    """Fixed column types: an all-None column (no AI rows) must not become arrow's null type."""
-    from datasets import Features, List, Value
-
-    chat = List({"role": Value("string"), "content": Value("string")})
-    return Features(
-        {
-            "prompt": chat,
-            "chosen": chat,
-            "rejected": chat,
-            "source": Value("string"),
-            "label_id": Value("string"),
-            "soft_label": Value("float64"),
-            "margin": Value("float64"),
-            "weight": Value("float64"),
-            "contested": Value("bool"),
-        }
-    )
-
-
-def to_dataset(rows: list[PreferenceRow]) -> datasets.Dataset:
-    """Rows -> a conversational explicit-prompt Dataset for trl's RewardTrainer / DPOTrainer.
-
-    RewardTrainer feeds a `margin` column straight into its loss (-log sigmoid(r_c - r_r - m))
-    and cannot batch None, so rows without a margin (human rows) get 0.0: the plain
-    Bradley-Terry loss. The other provenance columns are dropped by the trainers themselves.
-    """
-    from datasets import Dataset
-
-    columns: dict[str, list[Any]] = {name: [] for name in _features()}
-    for row in rows:
-        data = row.model_dump()
-        data["margin"] = 0.0 if row.margin is None else row.margin
-        for name, values in columns.items():
-            values.append(data[name])
-    return Dataset.from_dict(columns, features=_features())
-
-
-def write_preferences(rows: list[PreferenceRow], path: Path) -> None:
-    """JSONL, written to a temp file and renamed: a crash never leaves half a file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False)
-    try:
-        with handle:
-            for row in rows:
-                handle.write(row.model_dump_json().encode() + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
-def read_preferences(path: Path) -> list[PreferenceRow]:
-    """Our own JSONL back; strict, because a bad line here is a bug, not messy public data."""
-    path = _existing(path)
-    rows: list[PreferenceRow] = []
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(PreferenceRow.model_validate_json(line))
-            except ValidationError as err:
-                raise ValueError(f"{path}:{number}: not a preference row: {err}") from None
-    return rows
-
-
-class MixConfig(BaseModel):
+class MixConfig(Section):
     """How AI harmlessness labels and human helpfulness preferences are combined for the PM."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     human: list[PreferenceSource] = Field(
         default_factory=lambda: [PreferenceSource(path="hh_helpful.jsonl")],

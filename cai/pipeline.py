@@ -48,8 +48,9 @@ def run_pipeline(ctx: StageContext) -> dict:
 def write_run_manifest(ctx: StageContext, summary: dict) -> Path:
     """run_dir/manifest.json: the config, its hash, versions, and per stage its key, upstream
     keys, time and tokens. Written by each `cai run`: it describes the config that ran last."""
+    from cai.atomic import atomic_write_json
     from cai.hashing import content_hash
-    from cai.store import atomic_write_json, versions
+    from cai.manifest import versions
 
     config = ctx.config.model_dump(mode="json")
     path = ctx.run_dir / "manifest.json"

@@ -11,8 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cai.aggregate import DerivedPair, RuleOutcome
+from cai.aggregate import DerivedPair
 from cai.backends.base import Chat
+from cai.rules import RuleOutcome
 from cai.sections import SamplingParams
 from cai.verdict import NoVerdict
 

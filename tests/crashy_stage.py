@@ -20,8 +20,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cai.atomic import atomic_write_bytes
 from cai.backends.base import Usage
-from cai.store import StageStore, atomic_write_bytes
+from cai.store import StageStore
 
 STAGE = "crashy"
 CALLS_LOG = "calls.log"

@@ -9,16 +9,8 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from cai.aggregate import (
-    RULES,
-    Aggregate,
-    PrincipleVote,
-    RuleOutcome,
-    aggregate,
-    derive_pairs,
-    principle_ranking,
-    rule,
-)
+from cai.aggregate import Aggregate, aggregate, derive_pairs
+from cai.rules import RULES, PrincipleVote, RuleOutcome, principle_ranking, rule
 
 # ---------------------------------------------------------------------------------------------
 # Helpers

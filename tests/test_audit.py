@@ -44,7 +44,7 @@ import orjson
 import pytest
 from rich.console import Console
 
-from cai.aggregate import PrincipleVote, aggregate
+from cai.aggregate import aggregate
 from cai.audit import (
     AUDIT_FILE,
     audit_file,
@@ -62,6 +62,7 @@ from cai.audit import (
 )
 from cai.constitution import load_constitution, parse_constitution
 from cai.records import LabelAudit
+from cai.rules import PrincipleVote
 from cai.store import StageStore
 
 FIXTURE = Path(__file__).parent / "fixtures" / "audit_rows.jsonl"

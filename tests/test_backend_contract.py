@@ -336,11 +336,11 @@ def _naive_logprobs(path: str, backend, prompts: list[ScorePrompt], options: lis
 def test_hf_prefix_reuse_matches_no_reuse_and_a_naive_reference(
     lively_tiny_lm, options, pack_tokens, monkeypatch
 ):
-    from cai.backends import hf
+    from cai.backends import hf_score
     from cai.backends.hf import HFBackend
     from cai.sections import HFEngine
 
-    monkeypatch.setattr(hf, "PACK_TOKENS", pack_tokens)
+    monkeypatch.setattr(hf_score, "PACK_TOKENS", pack_tokens)
 
     path = lively_tiny_lm
     prompts = compare_prompts(4)

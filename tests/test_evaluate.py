@@ -23,14 +23,13 @@ from cai.evaluate import (
     generate_answers,
     harm_readings,
     harmless_rate,
-    is_refusal,
     load_eval_prompts,
     pm_accuracy_rows,
     rate_harm_prompt,
-    refusal_rate,
     win_rate,
 )
 from cai.prompts import Templates
+from cai.refusals import is_refusal, refusal_rate
 from cai.sections import SamplingParams
 from cai.stats import Estimate, bootstrap_ci, elo_estimates, elo_ratings
 from cai.verdict import two_order_verdict

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from cai.mix import (
+from cai.mix import PreferenceSource, load_preferences, mix
+from cai.preferences import (
     MAX_PROBLEMS,
     HHParseError,
-    PreferenceSource,
     hh_pair_to_row,
     load_hh,
-    load_preferences,
     load_trl_preferences,
-    mix,
     parse_hh_transcript,
     read_preferences,
     to_dataset,
@@ -438,9 +436,11 @@ def test_to_dataset_columns(mixed_dataset) -> None:
         "margin",
         "weight",
         "contested",
+        "verdict",
     ]
     human = mixed_dataset.filter(lambda r: r["source"] == "human-helpful")
     assert set(human["margin"]) == {0.0} and set(human["soft_label"]) == {None}
+    assert set(human["verdict"]) == {None}  # only AI rows say whether a judge gave a verdict
     assert to_dataset(rows_named("h", 2)).features["soft_label"].dtype == "float64"  # not arrow's null type
 
 

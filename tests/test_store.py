@@ -20,18 +20,11 @@ import orjson
 import pytest
 from pydantic import BaseModel, ConfigDict
 
+from cai.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from cai.backends.base import Usage
-from cai.store import (
-    LedgerCorruptError,
-    StageLockedError,
-    StageManifest,
-    StageStore,
-    StoreError,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_jsonl,
-    versions,
-)
+from cai.ledger import LedgerCorruptError, StoreError
+from cai.manifest import StageManifest, versions
+from cai.store import StageLockedError, StageStore
 
 CRASHY = Path(__file__).with_name("crashy_stage.py")
 CONFIG = {"model": "tiny", "sampling": {"temperature": 0.7, "seed": 1}}

@@ -24,7 +24,7 @@ LORA = LoraSection(r=4, alpha=8, dropout=0.0)
 
 @pytest.fixture(scope="module")
 def hh_rows():
-    from cai.mix import load_hh
+    from cai.preferences import load_hh
     from cai.resources import data_path
 
     return load_hh(data_path("hh_helpful.jsonl"), limit=8)[0]

@@ -184,7 +184,8 @@ def ai_rows(prompts: int = 4, per_prompt: int = 3) -> list[PreferenceRow]:
 
 @pytest.fixture(scope="module")
 def mixed_rows() -> list[PreferenceRow]:
-    from cai.mix import load_hh, mix
+    from cai.mix import mix
+    from cai.preferences import load_hh
     from cai.resources import data_path
 
     human, _ = load_hh(data_path("hh_helpful.jsonl"))

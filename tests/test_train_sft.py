@@ -122,7 +122,7 @@ def test_completion_only_loss_masks_the_prompt(tmp_path: Path, tiny_models, comp
 
 
 def test_helpful_demonstrations_are_mixed_in(tmp_path: Path, tiny_models) -> None:
-    from cai.mix import load_hh
+    from cai.preferences import load_hh
     from cai.resources import data_path
 
     demos = helpful_demonstrations("hh_helpful.jsonl", 3, seed=0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from cai.aggregate import RULES
 from cai.audit import (
     contested_labels,
     label_view,
@@ -21,6 +20,7 @@ from cai.audit import (
 from cai.constitution import load_constitution
 from cai.judge import Comparison, LabelConfig, LabelMeta, build_label, choose_principles, judge, weighting
 from cai.records import OrderVote
+from cai.rules import RULES
 from cai.testing import EchoBackend
 from cai.verdict import two_order_verdict
 

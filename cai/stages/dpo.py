@@ -24,7 +24,7 @@ def key(ctx: StageContext) -> StageStore:
 
 
 def run_dpo(ctx: StageContext, fresh: bool = False) -> StageStore:
-    from cai.mix import read_preferences
+    from cai.preferences import read_preferences
     from cai.train.dpo import train_dpo
 
     cfg = ctx.config.dpo

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
+from cai.atomic import atomic_write_jsonl
 from cai.evaluate import EvalConfig
 from cai.records import MetricRow
 from cai.stages.base import Stage, Timer, skip_message
-from cai.store import StageStore, atomic_write_jsonl
+from cai.store import StageStore
 
 if TYPE_CHECKING:
     from cai.stages.context import StageContext

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cai.atomic import atomic_write_json, atomic_write_jsonl
 from cai.backends.base import Usage
 from cai.gate import (
     HOW_TO_PROCEED,
@@ -34,7 +35,7 @@ from cai.judge import LabelConfig, LabelMeta, build_label, choose_principles, ju
 from cai.records import LabelAudit, LabelResult, PreferenceRow
 from cai.sources import load_prompts
 from cai.stages.base import Stage, Timer, skip_message, usage_since
-from cai.store import StageStore, atomic_write_json, atomic_write_jsonl
+from cai.store import StageStore
 
 if TYPE_CHECKING:
     from cai.stages.context import StageContext

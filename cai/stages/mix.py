@@ -27,9 +27,10 @@ def key(ctx: StageContext) -> StageStore:
 
 
 def run_mix(ctx: StageContext, fresh: bool = False) -> StageStore:
+    from cai.atomic import atomic_write_jsonl
     from cai.export import write_parquet
-    from cai.mix import load_preferences, mix, read_preferences
-    from cai.store import atomic_write_jsonl
+    from cai.mix import load_preferences, mix
+    from cai.preferences import read_preferences
 
     cfg = ctx.config.mix
     store = ctx.store("mix")

@@ -24,7 +24,7 @@ def key(ctx: StageContext) -> StageStore:
 
 
 def run_pm(ctx: StageContext, fresh: bool = False) -> StageStore:
-    from cai.mix import read_preferences
+    from cai.preferences import read_preferences
     from cai.train.reward import split_by_prompt, train_preference_model
 
     cfg = ctx.config.pm

@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from cai.atomic import atomic_write_jsonl
 from cai.critique import SLConfig, SLMeta, make_jobs, run_chunk
 from cai.export import dataset_card, write_card, write_parquet
 from cai.records import SLRecord
 from cai.sources import load_prompts
 from cai.stages.base import Stage, Timer, skip_message, usage_since
-from cai.store import StageStore, atomic_write_jsonl
+from cai.store import StageStore
 
 if TYPE_CHECKING:
     from cai.stages.context import StageContext

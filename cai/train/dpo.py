@@ -93,8 +93,8 @@ def train_dpo(
     from trl import DPOConfig as TrlDPOConfig
     from trl import DPOTrainer
 
-    from cai.mix import to_dataset
     from cai.models import resolve_model
+    from cai.preferences import to_dataset
 
     if not rows:
         raise ValueError("no preference rows to train DPO on")

@@ -77,7 +77,8 @@ def helpful_demonstrations(source: str, count: int, seed: int) -> list[Chat]:
     """`count` chosen conversations from an HH-format file, sampled with `seed` (all if fewer)."""
     if count == 0:
         return []
-    from cai.mix import PreferenceSource, load_hh
+    from cai.mix import PreferenceSource
+    from cai.preferences import load_hh
 
     rows, _ = load_hh(PreferenceSource(path=source).resolved_path())
     picked = random.Random(f"{seed}:helpful").sample(range(len(rows)), min(count, len(rows)))
