@@ -156,7 +156,7 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled(tiny_models, promp
     The reward here is the tiny sequence classifier through the PM's scorer (the real path)."""
     from transformers import AutoModelForCausalLM
 
-    from cai.train.reward import PreferenceScorer
+    from cai.train.pm_metrics import PreferenceScorer
 
     pm = PreferenceScorer(tiny_models.classifier).score
     trainer = make_trainer(tiny_models, prompts, pm, tmp_path, steps=3, lora=TINY_LORA, learning_rate=1e-2)

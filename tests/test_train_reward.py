@@ -14,17 +14,9 @@ import pytest
 
 from cai.records import PreferenceRow
 from cai.train.common import LoraSection, TrainSection
-from cai.train.reward import (
-    PMConfig,
-    PreferenceScorer,
-    build_pm_trainer,
-    evaluate_preference_model,
-    grouped_order,
-    preference_loss,
-    preference_metrics,
-    split_by_prompt,
-    train_preference_model,
-)
+from cai.train.pm_loss import grouped_order, preference_loss
+from cai.train.pm_metrics import PreferenceScorer, evaluate_preference_model, preference_metrics
+from cai.train.reward import PMConfig, build_pm_trainer, split_by_prompt, train_preference_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -5,15 +5,9 @@
 A sequence-classification head on the SFT model (or another base) scores prompt + response; the
 loss compares the scores of the chosen and the rejected answer (Δ = r_chosen - r_rejected).
 Constitutional AI mixes AI-labelled harmlessness pairs, which carry the judge's soft label
-p = P(chosen is better), with human helpfulness pairs (p = 1). `label_mode` picks the loss:
-
-* soft   -[p log σ(Δ) + (1-p) log σ(-Δ)]: binary cross-entropy against the soft label, so a 55/45
-         judgement asks for a small Δ instead of an unbounded one (human rows: p = 1, plain BT);
-* margin -log σ(Δ - m): trl's own margin term, m = the row's `margin` (0 for human rows);
-* hard   -log σ(Δ): plain Bradley-Terry on the label's direction.
-
-Each pair's loss is multiplied by its `weight` (contested labels are down-weighted upstream) and
-the batch loss is the mean of the weighted losses.
+p = P(chosen is better), with human helpfulness pairs (p = 1). `label_mode` picks the loss
+(`cai.train.pm_loss`: soft cross-entropy, trl's margin term, or plain Bradley-Terry); each pair's
+loss is multiplied by its `weight` (contested labels are down-weighted upstream).
 
 How the extra columns reach the loss: trl's RewardTrainer keeps only the columns it names in
 `_set_signature_columns_if_needed` (chosen_ids, rejected_ids, margin) and its collator only
@@ -25,23 +19,19 @@ the same batch (DESIGN.md section 7), as far as the batch size allows.
 
 The stage splits its rows with `split_by_prompt(rows, config.eval_fraction, seed)` and passes
 both halves to `train_preference_model`, which reports held-out accuracy per source and
-calibration (`preference_metrics`).
+calibration (`cai.train.pm_metrics`).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
 import random
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from cai.backends.base import Chat
 from cai.records import PreferenceRow
 from cai.sections import Section
 from cai.train.common import (
@@ -57,28 +47,12 @@ from cai.train.common import (
     save_trained,
     trainer_arguments,
 )
+from cai.train.pm_loss import LabelMode, PromptGroupSampler, preference_loss, prompt_key
+from cai.train.pm_metrics import Calibration, RewardStats, evaluate_preference_model
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
-__all__ = [
-    "Calibration",
-    "CalibrationBin",
-    "PMConfig",
-    "PMMetrics",
-    "PMReport",
-    "PreferenceScorer",
-    "RewardStats",
-    "build_pm_trainer",
-    "evaluate_preference_model",
-    "grouped_order",
-    "preference_loss",
-    "preference_metrics",
-    "split_by_prompt",
-    "train_preference_model",
-]
-
-LabelMode = Literal["soft", "margin", "hard"]
 
 LOG_COLUMNS = {"loss": "loss", "accuracy": "accuracy", "margin": "margin", "grad_norm": "grad_norm"}
 
@@ -104,96 +78,6 @@ class PMConfig(Section):
     )
     weighting: bool = Field(True, description="Multiply each pair's loss by its row weight.")
     group_by_prompt: bool = Field(True, description="Put the pairs of one prompt in the same batch.")
-
-
-# --------------------------------------------------------------------------------------------
-# The loss
-# --------------------------------------------------------------------------------------------
-
-
-def preference_loss(
-    delta: torch.Tensor,  # (B,) r_chosen - r_rejected
-    mode: LabelMode = "soft",
-    soft_label: torch.Tensor | None = None,  # (B,) P(chosen better); NaN = hard label (p = 1)
-    weight: torch.Tensor | None = None,  # (B,)
-    margin: torch.Tensor | None = None,  # (B,)
-) -> torch.Tensor:  # () mean of the weighted per-pair losses
-    """The PM loss of a batch of pairs; see the module docstring for the three modes."""
-    import torch
-    import torch.nn.functional as F
-
-    if mode == "soft":
-        p = torch.ones_like(delta) if soft_label is None else soft_label.to(delta.dtype).nan_to_num(nan=1.0)
-        losses = -(p * F.logsigmoid(delta) + (1 - p) * F.logsigmoid(-delta))
-    elif mode == "margin":
-        losses = -F.logsigmoid(delta - (margin.to(delta.dtype) if margin is not None else 0.0))
-    elif mode == "hard":
-        losses = -F.logsigmoid(delta)
-    else:
-        raise ValueError(f"unknown label mode {mode!r}")
-    if weight is not None:
-        losses = losses * weight.to(delta.dtype)
-    return losses.mean()
-
-
-# --------------------------------------------------------------------------------------------
-# Batches grouped by prompt
-# --------------------------------------------------------------------------------------------
-
-
-def grouped_order(groups: Sequence[int], batch_size: int, rng: random.Random) -> list[int]:
-    """Row indices ordered so that consecutive `batch_size` chunks hold whole prompt groups.
-
-    With K responses per prompt there are K(K-1)/2 pairs; scattering them over batches shows
-    each response in K-1 separate updates, which overfits (DESIGN.md section 7). Groups larger
-    than a batch are cut into batch-sized pieces; pieces are packed best-fit-decreasing, full
-    batches are shuffled, and the few batches that could not be filled go last.
-    """
-    members: dict[int, list[int]] = {}
-    for index, group in enumerate(groups):
-        members.setdefault(group, []).append(index)
-    pieces: list[list[int]] = []
-    for rows in members.values():
-        rng.shuffle(rows)
-        pieces += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    rng.shuffle(pieces)
-    pieces.sort(key=len, reverse=True)  # stable: equal sizes keep their shuffled order
-    full: list[list[int]] = []
-    open_by_room: dict[int, list[list[int]]] = {room: [] for room in range(1, batch_size)}
-    for piece in pieces:
-        room = next((r for r in range(len(piece), batch_size) if open_by_room[r]), None)
-        batch = open_by_room[room].pop() if room is not None else []
-        batch += piece
-        if len(batch) == batch_size:
-            full.append(batch)
-        else:
-            open_by_room[batch_size - len(batch)].append(batch)
-    rng.shuffle(full)
-    partial = [batch for room in sorted(open_by_room) for batch in open_by_room[room]]
-    return [i for batch in full + partial for i in batch]
-
-
-class PromptGroupSampler:
-    """A training sampler yielding `grouped_order`, reshuffled each epoch from (seed, epoch)."""
-
-    def __init__(self, groups: Sequence[int], batch_size: int, seed: int) -> None:
-        self.groups = list(groups)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(grouped_order(self.groups, self.batch_size, random.Random(f"{self.seed}:{self.epoch}")))
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-
-def _prompt_key(prompt: Chat) -> str:
-    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 
 @functools.cache
@@ -265,212 +149,6 @@ def _trainer_classes() -> tuple[type, type]:
 
 
 # --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
-
-
-class CalibrationBin(BaseModel):
-    low: float
-    high: float
-    n: int
-    confidence: float | None = Field(description="Mean max(σ(Δ), 1-σ(Δ)) in the bin.")
-    accuracy: float | None = Field(description="Share of the bin's pairs ranked the labelled way.")
-
-
-class Calibration(BaseModel):
-    ece: float | None = Field(
-        description="Expected calibration error of the PM's confidence against outcome."
-    )
-    brier: float | None = Field(description="Mean (σ(Δ) - p)² over pairs with a soft label p.")
-    n_brier: int = Field(description="Pairs with a soft label.")
-    bins: list[CalibrationBin] = Field(
-        description="Reliability diagram: confidence in [0.5, 1] split evenly."
-    )
-
-
-class RewardStats(BaseModel):
-    mean: float | None
-    std: float | None
-    min: float | None
-    max: float | None
-    mean_margin: float | None = Field(description="Mean Δ = r_chosen - r_rejected.")
-
-
-class PMMetrics(BaseModel):
-    """How a PM ranks held-out pairs; the numbers `cai train pm` and evaluation report."""
-
-    n: int
-    accuracy: float | None = Field(description="Share ranked the labelled way (a tie counts half).")
-    n_by_source: dict[str, int]
-    accuracy_by_source: dict[str, float]
-    calibration: Calibration
-    rewards: RewardStats
-    correct: list[float] = Field(description="Per pair: 1 ranked the labelled way, 0 not, 0.5 a tie.")
-    sources: list[str] = Field(description="Per pair: its source (with `correct`: bootstrap intervals).")
-
-
-def _sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
-
-
-def preference_metrics(
-    chosen_scores: Sequence[float],
-    rejected_scores: Sequence[float],
-    sources: Sequence[str],
-    soft_labels: Sequence[float | None],
-    bins: int = 10,
-) -> PMMetrics:
-    """Accuracy (overall and per source), calibration and reward statistics of scored pairs.
-
-    The PM's probability that the chosen answer is better is σ(Δ). Calibration is measured on
-    its confidence max(σ(Δ), 1-σ(Δ)) in `bins` equal bins over [0.5, 1]: ECE = Σ_b (n_b/N) ·
-    |accuracy_b - confidence_b|. Brier compares σ(Δ) with the judge's soft label where there is
-    one (human rows have none).
-    """
-    n = len(chosen_scores)
-    if not (len(rejected_scores) == len(sources) == len(soft_labels) == n):
-        raise ValueError("chosen_scores, rejected_scores, sources and soft_labels must have the same length")
-    deltas = [c - r for c, r in zip(chosen_scores, rejected_scores, strict=True)]
-    correct = [1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in deltas]
-    probs = [_sigmoid(d) for d in deltas]
-
-    by_source: dict[str, list[float]] = {}
-    for source, hit in zip(sources, correct, strict=True):
-        by_source.setdefault(source, []).append(hit)
-
-    edges = [0.5 + 0.5 * b / bins for b in range(bins + 1)]
-    members: list[list[int]] = [[] for _ in range(bins)]
-    for i, p in enumerate(probs):
-        confidence = max(p, 1 - p)
-        members[min(int((confidence - 0.5) * 2 * bins), bins - 1)].append(i)
-    table = []
-    ece = 0.0
-    for b, rows in enumerate(members):
-        conf = sum(max(probs[i], 1 - probs[i]) for i in rows) / len(rows) if rows else None
-        acc = sum(correct[i] for i in rows) / len(rows) if rows else None
-        if rows:
-            ece += len(rows) / n * abs(acc - conf)
-        table.append(
-            CalibrationBin(low=edges[b], high=edges[b + 1], n=len(rows), confidence=conf, accuracy=acc)
-        )
-    labelled = [(p, s) for p, s in zip(probs, soft_labels, strict=True) if s is not None]
-    brier = sum((p - s) ** 2 for p, s in labelled) / len(labelled) if labelled else None
-
-    rewards = [*chosen_scores, *rejected_scores]
-    mean = sum(rewards) / len(rewards) if rewards else None
-    return PMMetrics(
-        n=n,
-        accuracy=sum(correct) / n if n else None,
-        n_by_source={s: len(v) for s, v in by_source.items()},
-        accuracy_by_source={s: sum(v) / len(v) for s, v in by_source.items()},
-        calibration=Calibration(ece=ece if n else None, brier=brier, n_brier=len(labelled), bins=table),
-        rewards=RewardStats(
-            mean=mean,
-            std=math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)) if rewards else None,
-            min=min(rewards) if rewards else None,
-            max=max(rewards) if rewards else None,
-            mean_margin=sum(deltas) / n if n else None,
-        ),
-        correct=correct,
-        sources=list(sources),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Scoring with a saved PM
-# --------------------------------------------------------------------------------------------
-
-
-class PreferenceScorer:
-    """Scores conversations with a saved PM folder; PPO, RLOO and evaluation use it as the reward.
-
-    Conversations go through the tokenizer's chat template exactly as RewardTrainer tokenized the
-    training pairs; a sequence longer than `max_length` keeps its end (the answer being scored).
-    Scoring runs in float32 by default: rewards feed advantages and near-tie comparisons.
-    """
-
-    def __init__(
-        self,
-        model_path: str | Path,
-        device: str = "auto",
-        dtype: str = "float32",
-        batch_size: int = 16,
-        max_length: int | None = None,
-    ) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.max_length = max_length
-        with quiet_logs():
-            self.tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=False)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                str(model_path), trust_remote_code=False, dtype=getattr(torch, dtype)
-            )
-        self.model.to(self.device).eval()
-        self.pad_token_id = self.model.config.pad_token_id
-        if self.pad_token_id is None:
-            self.pad_token_id = self.tokenizer.pad_token_id
-            if self.pad_token_id is None:
-                self.pad_token_id = self.tokenizer.eos_token_id
-            self.model.config.pad_token_id = self.pad_token_id
-
-    def score(self, prompts: list[Chat], responses: list[str]) -> list[float]:
-        """The reward of each response (an assistant turn) to its prompt conversation."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return self.score_chats(
-            [
-                [*prompt, {"role": "assistant", "content": text}]
-                for prompt, text in zip(prompts, responses, strict=True)
-            ]
-        )
-
-    def score_chats(self, chats: list[Chat]) -> list[float]:
-        """The reward of each whole conversation (its last assistant turn is what is judged)."""
-        import torch
-
-        ids = [
-            self.tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
-            for chat in chats
-        ]
-        if self.max_length is not None:
-            ids = [seq[-self.max_length :] for seq in ids]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths pad less
-        scores = [0.0] * len(ids)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            width = max(len(ids[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)  # (b, L)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)  # (b, L)
-            for row, i in enumerate(chunk):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                attention[row, : len(ids[i])] = 1
-            with torch.inference_mode():
-                logits = self.model(
-                    input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
-                ).logits  # (b, 1)
-            for row, i in enumerate(chunk):
-                scores[i] = float(logits[row, 0])
-        return scores
-
-
-def evaluate_preference_model(
-    model_path: str | Path, rows: list[PreferenceRow], batch_size: int = 16
-) -> PMMetrics:
-    """Score both sides of every pair with a saved PM and summarise (`preference_metrics`)."""
-    if not rows:
-        return preference_metrics([], [], [], [])
-    scorer = PreferenceScorer(model_path, batch_size=batch_size)
-    chosen = scorer.score_chats([[*row.prompt, *row.chosen] for row in rows])
-    rejected = scorer.score_chats([[*row.prompt, *row.rejected] for row in rows])
-    return preference_metrics(chosen, rejected, [r.source for r in rows], [r.soft_label for r in rows])
-
-
-# --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
 
@@ -506,14 +184,14 @@ def split_by_prompt(
     """
     prompts: dict[str, dict[str, None]] = {}
     for row in rows:
-        prompts.setdefault(row.source, {})[_prompt_key(row.prompt)] = None
+        prompts.setdefault(row.source, {})[prompt_key(row.prompt)] = None
     held: set[str] = set()
     for source, keys in prompts.items():
         ordered = list(keys)
         random.Random(f"{seed}:{source}").shuffle(ordered)
         held.update(ordered[: round(eval_fraction * len(ordered))])
-    train = [row for row in rows if _prompt_key(row.prompt) not in held]
-    return train, [row for row in rows if _prompt_key(row.prompt) in held]
+    train = [row for row in rows if prompt_key(row.prompt) not in held]
+    return train, [row for row in rows if prompt_key(row.prompt) in held]
 
 
 def _pm_dataset(rows: list[PreferenceRow]) -> Any:
@@ -522,7 +200,7 @@ def _pm_dataset(rows: list[PreferenceRow]) -> Any:
 
     dataset = to_dataset(rows)
     groups: dict[str, int] = {}
-    group_ids = [groups.setdefault(_prompt_key(row.prompt), len(groups)) for row in rows]
+    group_ids = [groups.setdefault(prompt_key(row.prompt), len(groups)) for row in rows]
     p = [1.0 if row.soft_label is None else row.soft_label for row in rows]
     dataset = dataset.remove_columns(["soft_label"]).add_column("soft_label", p)
     return dataset.add_column("prompt_group", group_ids)

@@ -112,7 +112,7 @@ def train_rloo(
     from trl import RLOOTrainer
 
     from cai.models import resolve_model
-    from cai.train.reward import PreferenceScorer
+    from cai.train.pm_metrics import PreferenceScorer
 
     if not prompts:
         raise ValueError("no prompts to train RLOO on")

@@ -933,7 +933,7 @@ def train_ppo(
         reward_name = config.reward_model or reward_model
         if reward_name is None:
             raise ValueError("no reward: set ppo.reward_model or pass the run's preference model")
-        from cai.train.reward import PreferenceScorer
+        from cai.train.pm_metrics import PreferenceScorer
 
         reward_fn = PreferenceScorer(resolve_model(reward_name)).score
     trainer = PPOTrainer(

@@ -1,10 +1,4 @@
-"""The `cai` command line: each command parses its arguments and calls one stage function.
-
-    cai --help
-
-Heavy libraries (torch, transformers, trl, vllm) are imported inside the commands that need
-them, so `cai --help` and the constitution tools answer at once.
-"""
+"""The tool commands: constitutions, prompts, configs, models, and the one-minute tour."""
 
 from __future__ import annotations
 
@@ -13,39 +7,20 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-app = typer.Typer(
-    help="Constitutional AI end to end: critique/revision data, AI preference labels you can audit, "
-    "preference models and PPO.",
-    no_args_is_help=True,
-    pretty_exceptions_show_locals=False,
+from cai.cli.app import (
+    SetOption,
+    app,
+    config_app,
+    console,
+    constitution_app,
+    err_console,
+    fail,
+    models_app,
+    prompts_app,
 )
-constitution_app = typer.Typer(help="Check and inspect constitution YAML files.", no_args_is_help=True)
-prompts_app = typer.Typer(help="See the exact text a model will be sent.", no_args_is_help=True)
-models_app = typer.Typer(help="Resolve model names (built-in, local folder, hub id).", no_args_is_help=True)
-app.add_typer(constitution_app, name="constitution")
-app.add_typer(prompts_app, name="prompts")
-app.add_typer(models_app, name="models")
-generate_app = typer.Typer(help="Generate datasets (the supervised stage).", no_args_is_help=True)
-app.add_typer(generate_app, name="generate")
-train_app = typer.Typer(help="Train: sft, pm (preference model), ppo, dpo, rloo.", no_args_is_help=True)
-app.add_typer(train_app, name="train")
-config_app = typer.Typer(
-    help="Inspect run configs: resolved values and every field's documentation.", no_args_is_help=True
-)
-app.add_typer(config_app, name="config")
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
 
 # --------------------------------------------------------------------------- constitution
 
@@ -199,240 +174,7 @@ def prompts_render(
         console.print(Panel(text, title=f"as sent to {model}"), highlight=False, markup=False)
 
 
-# --------------------------------------------------------------------------- stages
-
-ConfigOption = Annotated[
-    str, typer.Option("--config", "-c", help="Run config YAML (a path or a shipped name like 'quickstart').")
-]
-SetOption = Annotated[
-    list[str] | None, typer.Option("--set", "-s", help="Override a field: --set sl.rounds=2 (repeatable).")
-]
-FreshOption = Annotated[bool, typer.Option(help="Discard this stage's output for this config and redo it.")]
-
-
-def _context(config: str, overrides: list[str] | None):
-    from cai.config import ConfigError, load_config
-    from cai.stages.context import StageContext
-
-    try:
-        return StageContext(load_config(config, overrides or []), console, config_source=config)
-    except (ConfigError, FileNotFoundError) as exc:
-        fail(str(exc))
-
-
-def _run_stage(config: str, overrides: list[str] | None, stage) -> None:
-    """Run one stage function with clear errors for everything a user can fix."""
-    from cai.constitution import ConstitutionError
-    from cai.gate import GoldError, JudgeGateError
-    from cai.ledger import StoreError
-    from cai.models import ModelNotFoundError
-    from cai.prompts import TemplateError
-    from cai.sources import PromptSourceError
-    from cai.stages.base import StageMissingError
-
-    ctx = _context(config, overrides)
-    try:
-        stage(ctx)
-    except (
-        ConstitutionError,
-        GoldError,
-        JudgeGateError,
-        ModelNotFoundError,
-        TemplateError,
-        PromptSourceError,
-        StageMissingError,
-        StoreError,
-    ) as exc:
-        fail(str(exc))
-    finally:
-        ctx.close()
-
-
-@generate_app.command("sl")
-def generate_sl(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
-    """Answer red-team prompts, then critique and revise them for N rounds (resumable)."""
-    from cai.stages.sl import run_sl
-
-    _run_stage(config, set_, lambda ctx: run_sl(ctx, fresh=fresh))
-
-
-@app.command("label")
-def label(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
-    """Sample K responses per prompt and judge them under principles, in both orders (resumable)."""
-    from cai.stages.label import run_label
-
-    _run_stage(config, set_, lambda ctx: run_label(ctx, fresh=fresh))
-
-
-@app.command("mix")
-def mix(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
-    """Mix the AI harmlessness labels with human helpfulness preferences (for the PM)."""
-    from cai.stages.mix import run_mix
-
-    _run_stage(config, set_, lambda ctx: run_mix(ctx, fresh=fresh))
-
-
-@train_app.command("sft")
-def train_sft(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
-    """Fine-tune the model on (prompt, final revision) from `cai generate sl` (full or LoRA)."""
-    from cai.stages.sft import run_sft
-
-    _run_stage(config, set_, lambda ctx: run_sft(ctx, fresh=fresh))
-
-
-@train_app.command("pm")
-def train_pm(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
-    """Train the preference model on the mix; report held-out, per-source accuracy and calibration."""
-    from cai.stages.pm import run_pm
-
-    _run_stage(config, set_, lambda ctx: run_pm(ctx, fresh=fresh))
-
-
-@train_app.command("dpo")
-def train_dpo(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
-    """DPO on the mixed preferences, from the SFT model (trl's DPOTrainer)."""
-    from cai.stages.dpo import run_dpo
-
-    _run_stage(config, set_, lambda ctx: run_dpo(ctx, fresh=fresh))
-
-
-@train_app.command("rloo")
-def train_rloo(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
-    """RLOO against the preference model, from the SFT model (trl's RLOOTrainer)."""
-    from cai.stages.rloo import run_rloo
-
-    _run_stage(config, set_, lambda ctx: run_rloo(ctx, fresh=fresh))
-
-
-@train_app.command("ppo")
-def train_ppo(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
-    """PPO against the preference model with a KL penalty to the SFT model (resumable)."""
-    from cai.stages.ppo import run_ppo
-
-    _run_stage(config, set_, lambda ctx: run_ppo(ctx, fresh=fresh))
-
-
-@app.command("eval")
-def evaluate(config: ConfigOption, set_: SetOption = None, fresh: FreshOption = False) -> None:
-    """Compare the run's policies: harmless rate, helpful win rate vs base, refusals, Elo, PM accuracy."""
-    from cai.stages.evaluation import run_eval
-
-    _run_stage(config, set_, lambda ctx: run_eval(ctx, fresh=fresh))
-
-
-@app.command("run")
-def run(
-    config: Annotated[
-        str, typer.Argument(help="Run config YAML (a path or a shipped name like 'quickstart').")
-    ],
-    set_: SetOption = None,
-) -> None:
-    """Every stage of the recipe into one run directory; complete stages are skipped."""
-    from cai.pipeline import run_pipeline
-
-    _run_stage(config, set_, run_pipeline)
-
-
-@app.command("report")
-def report(
-    config: ConfigOption,
-    set_: SetOption = None,
-    output: Annotated[Path | None, typer.Option(help="HTML file (default: RUN_DIR/report.html).")] = None,
-) -> None:
-    """Write the self-contained HTML report of a run (audit plots, PPO curves, eval results)."""
-    from cai.stages.report import run_report
-
-    _run_stage(config, set_, lambda ctx: run_report(ctx, path=output))
-
-
-@app.command("audit")
-def audit(
-    run_dir: Annotated[
-        Path | None,
-        typer.Argument(help="A run directory, a label stage folder, or an audit.jsonl file (or use -c)."),
-    ] = None,
-    config: Annotated[
-        str | None,
-        typer.Option("--config", "-c", help="Audit the label stage of this config (its exact folder)."),
-    ] = None,
-    set_: SetOption = None,
-    label: Annotated[
-        str | None, typer.Option(help="Show one label in full (its label_id or row id).")
-    ] = None,
-    principle: Annotated[str | None, typer.Option(help="Only labels this principle voted on.")] = None,
-    tag: Annotated[str | None, typer.Option(help="Only labels with a principle of this tag.")] = None,
-    contested: Annotated[
-        bool | None, typer.Option("--contested/--uncontested", help="Only (un)contested labels.")
-    ] = None,
-    decisive: Annotated[bool, typer.Option(help="With --principle/--tag: only labels it decided.")] = False,
-    constitution: Annotated[str, typer.Option(help="Constitution for tags (default: the run's).")] = "",
-    html: Annotated[Path | None, typer.Option(help="Also write an HTML report of the selection.")] = None,
-    limit: Annotated[int, typer.Option(help="Labels shown in full at most.")] = 5,
-) -> None:
-    """Which principle shaped each label: readings in both orders, verdicts, decisive principles."""
-    from cai.audit import (
-        contested_labels,
-        filter_labels,
-        judge_quality,
-        label_view,
-        load_audit,
-        load_gate,
-        principle_influence,
-        print_contested,
-        print_influence,
-        print_label,
-        print_quality,
-    )
-    from cai.constitution import ConstitutionError, load_constitution
-
-    if (run_dir is None) == (config is None):
-        fail("give a run directory (or label folder, or audit.jsonl) or --config, not both and not neither")
-    if config is not None:
-        ctx = _context(config, set_)
-        run_dir = ctx.store("label").path
-        console.print(f"label stage of {config}: {run_dir}", highlight=False)
-    assert run_dir is not None
-    try:
-        rows = load_audit(run_dir)
-        gate, failures = load_gate(run_dir)
-        name = constitution or (rows[0].constitution if rows else "harmless")
-        cons = load_constitution(name) if (tag or constitution or rows) else None
-        if cons is not None and rows and not constitution and cons.hash != rows[0].constitution_hash:
-            err_console.print(
-                f"[yellow]note:[/] constitution {name!r} has changed since these labels were made "
-                f"(hash {rows[0].constitution_hash[:12]} in the rows); tags come from the current file"
-            )
-        selected = filter_labels(rows, principle, tag, contested, cons, decisive=decisive)
-    except (FileNotFoundError, ValueError, ConstitutionError) as exc:
-        fail(str(exc))
-    console.print(f"{len(selected)} of {len(rows)} labels selected")
-    if label is not None:
-        matches = [r for r in rows if label in (r.label_id, r.row_id)]
-        if not matches:
-            fail(f"no label {label!r} (label ids look like {rows[0].label_id!r})" if rows else "no labels")
-        print_label(console, label_view(matches[0]))
-        return
-    print_quality(console, judge_quality(selected), gate, failures)
-    print_influence(console, principle_influence(selected), cons)
-    print_contested(console, contested_labels(selected))
-    for row in selected[:limit] if (principle or tag or contested is not None) else []:
-        print_label(console, label_view(row))
-    if html is not None:
-        from cai.report import write_report
-
-        write_report(
-            html,
-            audit=selected,
-            gate=gate,
-            gate_failures=failures,
-            ppo_history=None,
-            eval_rows=None,
-            pm_metrics=None,
-            summary=None,
-            title=f"cai audit {run_dir}",
-            constitution=cons,
-        )
-        console.print(f"[green]html:[/] {html}")
+# --------------------------------------------------------------------------- config
 
 
 @config_app.command("show")
@@ -564,11 +306,3 @@ def tour(
         run_tour(model, constitution, principle, prompt_index, max_new_tokens, few_shot, console)
     except (ModelNotFoundError, ConstitutionError, KeyError) as exc:
         fail(str(exc))
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
