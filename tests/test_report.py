@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from cai.audit import load_audit
+from cai.audit import load_audit, summarize
 from cai.constitution import load_constitution
 from cai.gate import CategoryFigure, JudgeCheck
 from cai.records import MetricRow
-from cai.report import SECTIONS, _series, write_report
+from cai.report import SECTIONS, write_report
+from cai.report.plots import series
 
 FIXTURE = Path(__file__).parent / "fixtures" / "audit_rows.jsonl"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -87,7 +88,7 @@ def fake_eval_rows() -> list[MetricRow]:
 def report(tmp_path_factory) -> Path:
     return write_report(
         tmp_path_factory.mktemp("report") / "nested" / "report.html",
-        audit=load_audit(FIXTURE),
+        audit=summarize(load_audit(FIXTURE), fake_gate()),
         ppo_history=fake_ppo_history(),
         eval_rows=fake_eval_rows(),
         pm_metrics={"accuracy": 0.72, "eval_loss": 0.57, "pairs": 100},
@@ -105,7 +106,6 @@ def report(tmp_path_factory) -> Path:
         },
         title="Fixture run <b>&</b>",
         constitution=load_constitution("harmless"),
-        gate=fake_gate(),
     )
 
 
@@ -166,7 +166,7 @@ def test_max_labels_and_trainer_history_keys(tmp_path):
     ]  # cai.train.ppo's keys
     page = write_report(
         tmp_path / "r.html",
-        audit=rows,
+        audit=summarize(rows),
         ppo_history=trainer_history,
         eval_rows=None,
         pm_metrics=None,
@@ -177,7 +177,7 @@ def test_max_labels_and_trainer_history_keys(tmp_path):
     assert page.count('<div class="label">') == 3 and "showing 3 of 10 labels" in page
     assert page.count('class="not-run"') == 4  # summary, judge gate (not measured), eval, PM
     assert page.count("data:image/png;base64,") == 4  # the audit's three plots and PPO
-    assert _series(trainer_history, "reward") == ([1.0, 2.0, 3.0], [0.1, 0.2, pytest.approx(0.3)])
+    assert series(trainer_history, "reward") == ([1.0, 2.0, 3.0], [0.1, 0.2, pytest.approx(0.3)])
 
 
 def noise_report(path: Path) -> Path:
@@ -186,14 +186,16 @@ def noise_report(path: Path) -> Path:
     silent = [rows[8].model_copy(update={"label_id": f"label-s{n}"}) for n in range(4)]  # like 009
     return write_report(
         path,
-        audit=silent + rows[:2],
+        audit=summarize(
+            silent + rows[:2],
+            fake_gate(agreement=0.31, consistency=0.0),
+            ["gold agreement 0.31 is below label.gate.min_agreement=0.6"],
+        ),
         ppo_history=None,
         eval_rows=None,
         pm_metrics=None,
         summary=None,
         title="noise",
-        gate=fake_gate(agreement=0.31, consistency=0.0),
-        gate_failures=["gold agreement 0.31 is below label.gate.min_agreement=0.6"],
     )
 
 
@@ -280,13 +282,12 @@ def test_banner_renders_at_the_top_in_headless_chromium(tmp_path):
     calm_dir.mkdir()
     page = write_report(
         calm_dir / "calm.html",
-        audit=load_audit(FIXTURE)[:2],
+        audit=summarize(load_audit(FIXTURE)[:2], fake_gate()),
         ppo_history=None,
         eval_rows=None,
         pm_metrics=None,
         summary=None,
         title="calm",
-        gate=fake_gate(),
     )
     calm, _ = render(page, calm_dir)
     calm_pixels = (imread(calm)[..., :3] * 255).round().astype(np.uint8)

@@ -36,17 +36,13 @@ def audit(
 ) -> None:
     """Which principle shaped each label: readings in both orders, verdicts, decisive principles."""
     from cai.audit import (
-        contested_labels,
         filter_labels,
-        judge_quality,
         label_view,
         load_audit,
         load_gate,
-        principle_influence,
-        print_contested,
-        print_influence,
         print_label,
-        print_quality,
+        print_summary,
+        summarize,
     )
     from cai.constitution import ConstitutionError, load_constitution
 
@@ -77,9 +73,7 @@ def audit(
             fail(f"no label {label!r} (label ids look like {rows[0].label_id!r})" if rows else "no labels")
         print_label(console, label_view(matches[0]))
         return
-    print_quality(console, judge_quality(selected), gate, failures)
-    print_influence(console, principle_influence(selected), cons)
-    print_contested(console, contested_labels(selected))
+    print_summary(console, summarize(selected, gate, failures), cons)
     for row in selected[:limit] if (principle or tag or contested is not None) else []:
         print_label(console, label_view(row))
     if html is not None:
@@ -87,9 +81,7 @@ def audit(
 
         write_report(
             html,
-            audit=selected,
-            gate=gate,
-            gate_failures=failures,
+            audit=summarize(selected, gate, failures),
             ppo_history=None,
             eval_rows=None,
             pm_metrics=None,

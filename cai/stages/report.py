@@ -58,13 +58,12 @@ def _complete(ctx: StageContext, name: str):
 
 def write_run_report(ctx: StageContext, path: Path | None = None) -> Path:
     """The report of everything this config has produced so far."""
-    from cai.audit import load_audit, load_gate
+    from cai.audit import load_audit, load_gate, summarize
     from cai.report import write_report
     from cai.stages.evaluation import read_metrics
 
     label = _complete(ctx, "label")
-    audit = load_audit(label.path) if label is not None else None
-    gate, failures = load_gate(label.path) if label is not None else (None, [])
+    audit = summarize(load_audit(label.path), *load_gate(label.path)) if label is not None else None
     ppo = _complete(ctx, "ppo")
     evaluation = _complete(ctx, "eval")
     pm = _complete(ctx, "pm")
@@ -72,8 +71,6 @@ def write_run_report(ctx: StageContext, path: Path | None = None) -> Path:
     write_report(
         target,
         audit=audit,
-        gate=gate,
-        gate_failures=failures,
         ppo_history=ppo.manifest.summary.get("history") if ppo is not None else None,
         eval_rows=read_metrics(evaluation.path) if evaluation is not None else None,
         pm_metrics={k: v for k, v in pm.manifest.summary.items() if not isinstance(v, list)} if pm else None,
