@@ -49,7 +49,8 @@ def run_ppo(variant: str, model: str, samples: int, new_tokens: int, steps: int)
     from cai.sections import SamplingParams
     from cai.train.common import LoraSection
     from cai.train.ppo.config import PPOConfig
-    from cai.train.ppo.trainer import PPOTrainer, load_prompts
+    from cai.train.ppo.data import load_prompts
+    from cai.train.ppo.trainer import PPOTrainer
 
     config = PPOConfig(
         steps=steps + 1,
@@ -86,7 +87,7 @@ def run_rloo(variant: str, model: str, samples: int, new_tokens: int, steps: int
     from trl import RLOOConfig, RLOOTrainer
 
     from cai.train.common import LoraSection, use_bf16
-    from cai.train.ppo.trainer import load_prompts
+    from cai.train.ppo.data import load_prompts
 
     chats = load_prompts(["red_team", "helpful"])
     dataset = Dataset.from_list([{"prompt": chat} for chat in chats])

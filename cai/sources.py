@@ -68,21 +68,24 @@ class PromptSourceError(ValueError):
     """The source is missing, unreadable, or a row does not hold a usable prompt."""
 
 
-def _resolve(path: str) -> Path:
+def resolve(path: str) -> Path:
+    """A real path, or a file shipped in cai/data (`red_team`, `red_team.jsonl`)."""
     from cai.resources import data_path
 
     candidate = Path(path).expanduser()
     if candidate.exists():
         return candidate
-    try:
-        return data_path(path)
-    except FileNotFoundError as exc:
-        raise PromptSourceError(
-            f"prompt source {path!r} is neither a path nor a shipped file ({exc})"
-        ) from None
+    for name in (path, f"{path}.jsonl"):
+        try:
+            return data_path(name)
+        except FileNotFoundError as exc:
+            problem = exc
+    raise PromptSourceError(
+        f"prompt source {path!r} is neither a path nor a shipped file ({problem})"
+    ) from None
 
 
-def _read_records(path: Path, split: str) -> list[dict[str, Any]]:
+def read_records(path: Path, split: str) -> list[dict[str, Any]]:
     if path.is_dir():
         from datasets import DatasetDict, load_from_disk
 
@@ -140,8 +143,8 @@ def load_prompts(source: PromptSource) -> list[PromptItem]:
         values = list(source.items)
         where = "inline prompt"
     else:
-        path = _resolve(source.path or "")
-        records = _read_records(path, source.split)
+        path = resolve(source.path or "")
+        records = read_records(path, source.split)
         values = []
         for number, record in enumerate(records, 1):
             if source.column not in record:

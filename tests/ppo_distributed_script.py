@@ -25,7 +25,8 @@ def main(model: str, out: str) -> None:
 
     from cai.sections import SamplingParams
     from cai.train.ppo.config import PPOConfig
-    from cai.train.ppo.trainer import PPOTrainer, load_prompts
+    from cai.train.ppo.data import load_prompts
+    from cai.train.ppo.trainer import PPOTrainer
 
     def reward(prompts, responses):  # longer responses score higher: any signal will do here
         return [len(r) / 10.0 for r in responses]
@@ -53,7 +54,7 @@ def main(model: str, out: str) -> None:
     torch.save(
         {
             "weights": {k: v.detach().cpu().clone() for k, v in trainer.policy.state_dict().items()},
-            "prompts": [chat[-1]["content"] for step in range(3) for chat in trainer.prompts_for(step)],
+            "prompts": [chat[-1]["content"] for step in range(3) for chat in trainer.data.prompts_for(step)],
             "history": result.history,
             "world_size": trainer.accelerator.num_processes,
             "kl_coef": trainer.kl_ctl.value,

@@ -22,7 +22,10 @@ import torch
 
 from cai.sections import SamplingParams
 from cai.train.ppo.config import PPOConfig
-from cai.train.ppo.trainer import NonFiniteError, PPOTrainer, load_prompts, warning_signs
+from cai.train.ppo.data import load_prompts
+from cai.train.ppo.monitor import warning_signs
+from cai.train.ppo.trainer import NonFiniteError, PPOTrainer
+from cai.train.ppo.update import ptx_loss
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -338,10 +341,10 @@ def test_ptx_term_changes_the_update_only_when_its_coefficient_is_positive(
 def test_ptx_loss_is_the_mean_token_nll(tiny_models, prompts, token_share, tmp_path):
     """Against a direct computation with torch's cross-entropy (padding excluded)."""
     trainer = make_trainer(tiny_models, prompts, token_share, tmp_path, ptx={"coef": 1.0, "batch_size": 3})
-    batch = trainer._ptx_batch(0)
+    batch = trainer.data.ptx_batch(0, trainer.accelerator.device)
     assert (batch["attention_mask"] == 0).any()  # rows of different lengths: padding is present
     with torch.no_grad():
-        got = trainer.ptx_loss(trainer.model, batch)
+        got = ptx_loss(trainer.model, batch, trainer.bf16)
         logits = trainer.policy.lm(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).logits
