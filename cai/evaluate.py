@@ -47,7 +47,6 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from pydantic import Field
 
 from cai.backends.base import Backend, Chat, ScorePrompt
@@ -117,23 +116,12 @@ class EvalConfig(Section):
 
 
 def load_eval_prompts(source: str | Path, limit: int | None = None) -> list[Prompt]:
-    """The `prompt` field of each JSONL row (a string or a list of messages), from a path or cai/data."""
-    from cai.resources import data_path
+    """Held-out prompts from a path or a shipped file, read by `cai.sources` like every stage's;
+    a single human turn comes back as its text, as it was written."""
+    from cai.sources import PromptSource, load_prompts
 
-    path = Path(source).expanduser()
-    if not path.is_file():
-        path = data_path(str(source))
-    prompts: list[Prompt] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = orjson.loads(line)
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str | list):
-            raise ValueError(f"{path}:{number}: a row needs a 'prompt' (text or list of messages)")
-        prompts.append(row["prompt"])
-        if limit is not None and len(prompts) >= limit:
-            break
-    return prompts
+    chats = [item.prompt for item in load_prompts(PromptSource(path=str(source), limit=limit))]
+    return [chat[0]["content"] if len(chat) == 1 else chat for chat in chats]
 
 
 def generate_answers(backend: Backend, prompts: Sequence[Prompt], params: SamplingParams) -> list[str | None]:

@@ -240,7 +240,7 @@ def test_pm_accuracy_rows():
     assert summary[("pm_accuracy_x", "pm")].value == 0.7
     with pytest.raises(ValueError, match="'n'"):
         pm_accuracy_rows({"accuracy": 0.8})
-    from cai.train.reward import preference_metrics  # the PM stage's own figures
+    from cai.train.pm_metrics import preference_metrics  # the PM stage's own figures
 
     pm = table(
         pm_accuracy_rows(preference_metrics([1.0, 2.0, 0.0], [0.0, 3.0, 0.0], ["a", "b", "b"], [None] * 3))

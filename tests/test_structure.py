@@ -47,8 +47,8 @@ def imported(module: str) -> set[str]:
                 if child.level:  # relative: from the module's own package upwards
                     package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
                     base = ".".join(package[: len(package) - child.level + 1] + ([base] if base else []))
-                found.add(base)
-                found.update(f"{base}.{alias.name}" for alias in child.names)
+                for alias in child.names:  # `from pkg import module` names the module itself
+                    found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
             visit(child)
 
     visit(ast.parse(path.read_text(encoding="utf-8")))
