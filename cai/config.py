@@ -20,7 +20,16 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 
 from cai.sections import EngineConfig, HFEngine, Section, TemplatesConfig
 from cai.stages.registry import STAGE_ORDER, STAGES
-from cai.yamlfile import file_loc, line_of, load_yaml_with_lines, yaml_error_line
+from cai.yamlfile import (
+    YAMLFileError,
+    describe,
+    file_loc,
+    line_of,
+    load_yaml_value,
+    load_yaml_with_lines,
+    read_yaml_file,
+    yaml_error_line,
+)
 
 
 class RunSettings(Section):
@@ -106,9 +115,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         dotted, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml_value(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {describe(exc)}") from None
         dotted = dotted.strip()
         parent, _, leaf = dotted.rpartition(".")
         if leaf == "kind" and parent:
@@ -144,11 +153,13 @@ def load_config(
         resolved = resolve_shipped(path, "configs", (".yaml", ".yml"))
         source = str(resolved)
         try:
-            data, lines = load_yaml_with_lines(resolved.read_text(encoding="utf-8"))
+            data, lines = load_yaml_with_lines(read_yaml_file(resolved))
+        except YAMLFileError as exc:
+            raise ConfigError(str(exc)) from None
         except yaml.YAMLError as exc:
             line = yaml_error_line(exc)
             where = f"{source}:{line}" if line else source
-            raise ConfigError(f"{where}: YAML syntax: {getattr(exc, 'problem', None) or exc}") from None
+            raise ConfigError(f"{where}: {describe(exc)}") from None
         data = data or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: a run config is a mapping of sections")

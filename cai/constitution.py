@@ -22,6 +22,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -29,7 +30,14 @@ from pydantic import (
 )
 
 from cai.hashing import content_hash
-from cai.yamlfile import line_of, load_yaml_with_lines, yaml_error_line
+from cai.yamlfile import (
+    YAMLFileError,
+    describe,
+    line_of,
+    load_yaml_with_lines,
+    read_yaml_file,
+    yaml_error_line,
+)
 
 Stage = Literal["critique", "revision", "compare"]
 
@@ -108,9 +116,16 @@ class Examples(_Strict):
     compare: list[CompareExample] = Field(default_factory=list)
 
 
+def _version_text(value: Any) -> Any:
+    """`version: 1` or `version: 1.2` in YAML is a number; a version is text, so take it as written."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
 class Constitution(_Strict):
     name: Slug
-    version: str = Field(min_length=1, max_length=40)
+    version: Annotated[str, BeforeValidator(_version_text)] = Field(min_length=1, max_length=40)
     description: Text | None = None
     principles: list[Principle] = Field(min_length=1)
     examples: Examples = Field(default_factory=Examples)
@@ -240,9 +255,8 @@ def parse_constitution(text: str, source: str = "<string>") -> Constitution:
     try:
         data, lines = load_yaml_with_lines(text)
     except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc)
         raise ConstitutionError(
-            [Problem(source, yaml_error_line(exc), None, "<yaml>", f"YAML syntax: {problem}")]
+            [Problem(source, yaml_error_line(exc), None, "<yaml>", describe(exc))]
         ) from None
     if not isinstance(data, dict):
         raise ConstitutionError(
@@ -280,11 +294,9 @@ def load_constitution(path: str | Path) -> Constitution:
 
     resolved = resolve_shipped(path, "constitutions", (".yaml", ".yml"))
     try:
-        text = resolved.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConstitutionError(
-            [Problem(str(resolved), None, None, "<file>", f"not UTF-8 text: {exc}")]
-        ) from None
+        text = read_yaml_file(resolved)
+    except YAMLFileError as exc:
+        raise ConstitutionError([Problem(str(resolved), None, None, "<file>", str(exc))]) from None
     return parse_constitution(text, str(resolved))
 
 

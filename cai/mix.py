@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from cai.preferences import LoadReport, load_hh, load_jsonl, load_trl_preferences
+from cai.preferences import LoadReport, PreferenceDataError, load_hh, load_jsonl, load_trl_preferences
 from cai.records import PreferenceRow
 from cai.sections import Section
 
@@ -62,14 +62,37 @@ class PreferenceSource(Section):
 
 
 def load_preferences(spec: PreferenceSource) -> tuple[list[PreferenceRow], LoadReport]:
-    """Load one config entry with the loader its `format` names."""
+    """Load one config entry with the loader its `format` names.
+
+    Loaders skip (and count) bad rows; a source that yields no usable pair at all is an error,
+    because a mix silently missing its human half trains a PM that prefers evasive answers.
+    """
     path = spec.resolved_path()
     if spec.format == "hh":
-        return load_hh(path, spec.source, spec.limit)
-    if spec.format == "trl":
-        return load_trl_preferences(path, spec.source, spec.split, spec.limit)
-    keep = "source" not in spec.model_fields_set
-    return load_jsonl(path, spec.source, spec.limit, keep_row_source=keep)
+        rows, report = load_hh(path, spec.source, spec.limit)
+    elif spec.format == "trl":
+        rows, report = load_trl_preferences(path, spec.source, spec.split, spec.limit)
+    else:
+        keep = "source" not in spec.model_fields_set
+        rows, report = load_jsonl(path, spec.source, spec.limit, keep_row_source=keep)
+    if not rows and spec.limit != 0:
+        raise PreferenceDataError(_nothing_usable(path, spec, report))
+    return rows, report
+
+
+def _nothing_usable(path: Path, spec: PreferenceSource, report: LoadReport) -> str:
+    """Why a preference source gave nothing, with the first problems and a hint when one fits."""
+    if not report.malformed:
+        return f"{path}: holds no preference pairs (mix.human entry with format {spec.format!r})"
+    first = "; ".join(report.problems[:3])
+    hint = ""
+    if path.is_file() and path.read_bytes()[:1024].lstrip()[:1] == b"[":
+        hint = (
+            " It looks like a JSON array: cai reads JSON Lines, one object per line (jq -c '.[]' converts)."
+        )
+    elif spec.format == "hh":
+        hint = " Is it HH-RLHF? Set format: trl or jsonl for other shapes."
+    return f"{path}: none of its {report.malformed} rows is a usable preference pair (first: {first}).{hint}"
 
 
 # --------------------------------------------------------------------------------------------

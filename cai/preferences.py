@@ -45,6 +45,10 @@ OPTIONAL_FIELDS = ("label_id", "soft_label", "margin", "weight", "contested", "v
 # --------------------------------------------------------------------------------------------
 
 
+class PreferenceDataError(ValueError):
+    """A preference file that gives no usable pair at all, or cannot be read as its format."""
+
+
 class HHParseError(ValueError):
     """A transcript or pair that is not a well-formed HH-RLHF conversation; says what is wrong."""
 
@@ -324,7 +328,11 @@ def load_trl_preferences(
     """
     path = _existing(path)
     report = LoadReport(path=str(path))
-    dataset = _read_dataset(path, split)
+    try:
+        dataset = _read_dataset(path, split)
+    except Exception as exc:  # noqa: BLE001 - datasets/arrow errors share no base; re-raised naming the file
+        problem = f"{type(exc).__name__}: {exc}"
+        raise PreferenceDataError(f"{path}: not a readable TRL preference dataset ({problem})") from exc
     items = ((f"row {i}", example) for i, example in enumerate(dataset))
     return _collect(items, report, source, limit), report
 

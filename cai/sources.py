@@ -2,7 +2,8 @@
 
     sl:
       prompts: {path: red_team.jsonl, limit: 8}          # a shipped file
-      prompts: {path: my_prompts.csv, column: text}       # JSONL, CSV, Parquet, a datasets folder
+      prompts: {path: my_prompts.csv, column: text}       # JSONL, JSON array, TXT (a prompt per
+                                                          # line), CSV, Parquet, a datasets folder
       prompts: {items: ["How do I ...?", "..."]}         # inline
 
 Every prompt gets a stable key (`source:index`) from its position in the source, never from its
@@ -12,6 +13,7 @@ text: two identical prompts are two rows, and a resumed run finds its rows again
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -21,13 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cai.backends.base import Chat
 from cai.sections import Section
 
+MAX_PROMPT_CHARS = 200_000
+"""A prompt longer than this is a mistake (a whole file pasted into one cell), not a prompt."""
+
 
 class PromptSource(Section):
     """One source of prompts; give `path` (a file, a datasets folder or a shipped name) or `items`."""
 
     path: str | None = Field(
         None,
-        description="JSONL/CSV/Parquet file, a `datasets` folder, or a shipped file in cai/data "
+        description="JSONL, JSON array, TXT (one prompt per line), CSV or Parquet file, a `datasets` "
+        "folder, or a shipped file in cai/data "
         "(default, when `items` is not given either: the shipped red_team.jsonl).",
     )
     items: list[str] | None = Field(None, description="Prompts given inline instead of a path.")
@@ -85,7 +91,36 @@ def resolve(path: str) -> Path:
     ) from None
 
 
-def read_records(path: Path, split: str) -> list[dict[str, Any]]:
+def _text(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise PromptSourceError(f"{path}: a binary file (it holds NUL bytes), not a prompt file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptSourceError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
+def _json_lines(path: Path, text: str) -> list[tuple[str, Any]]:
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise PromptSourceError(
+                f"{path}:{number}: not valid JSON ({exc.msg}); a .jsonl file holds one JSON object per line"
+            ) from None
+    return records
+
+
+def located_records(path: Path, split: str = "train") -> list[tuple[str, Any]]:
+    """(where, record) for every record of a prompt file: `where` names the file and line (or row).
+
+    .jsonl: one JSON value per line; .json: a JSON array (a file of JSON lines is read as such);
+    .txt: one prompt per line; .csv, .parquet, or a `datasets` folder (split `split`).
+    """
     if path.is_dir():
         from datasets import DatasetDict, load_from_disk
 
@@ -94,34 +129,56 @@ def read_records(path: Path, split: str) -> list[dict[str, Any]]:
             if split not in data:
                 raise PromptSourceError(f"{path}: no split {split!r} (splits: {', '.join(data)})")
             data = data[split]
-        return list(data)
+        return [(f"{path} row {n}", record) for n, record in enumerate(data, 1)]
     suffix = path.suffix.lower()
-    if suffix in {".jsonl", ".json"}:
-        records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise PromptSourceError(f"{path}:{number}: not valid JSON: {exc.msg}") from None
-        return records
+    if suffix == ".jsonl":
+        return _json_lines(path, _text(path))
+    if suffix == ".json":
+        text = _text(path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            return _json_lines(path, text)  # JSON lines under a .json name
+        if not isinstance(data, list):
+            raise PromptSourceError(
+                f"{path}: a .json prompt file holds a JSON array of prompts (strings, or objects with the "
+                f"prompt column), not a {type(data).__name__}; for one object per line name it .jsonl"
+            )
+        return [(f"{path} item {n}", record) for n, record in enumerate(data, 1)]
+    if suffix == ".txt":
+        lines = _text(path).splitlines()
+        return [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+        with io.StringIO(_text(path), newline="") as handle:
+            return [(f"{path} row {n}", record) for n, record in enumerate(csv.DictReader(handle), 1)]
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise PromptSourceError(f"{path}: not a readable Parquet file ({exc})") from None
+        return [(f"{path} row {n}", record) for n, record in enumerate(table.to_pylist(), 1)]
     raise PromptSourceError(
-        f"{path}: unsupported prompt file type {suffix!r} (jsonl, json, csv, parquet, folder)"
+        f"{path}: unsupported prompt file type {suffix!r} "
+        "(jsonl, json, txt, csv, parquet, or a datasets folder)"
     )
+
+
+def read_records(path: Path, split: str = "train") -> list[Any]:
+    """The records of a prompt (or text) file, without their locations."""
+    return [record for _, record in located_records(path, split)]
 
 
 def _as_chat(value: Any, where: str) -> Chat:
     if isinstance(value, str):
         if not value.strip():
             raise PromptSourceError(f"{where}: empty prompt")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise PromptSourceError(
+                f"{where}: a prompt of {len(value):,} characters (at most {MAX_PROMPT_CHARS:,})"
+            )
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
         chat: Chat = []
@@ -138,24 +195,22 @@ def _as_chat(value: Any, where: str) -> Chat:
 
 
 def load_prompts(source: PromptSource) -> list[PromptItem]:
-    """Read a source into prompt items; errors name the file, the row and the column."""
+    """Read a source into prompt items; errors name the file, the line (or row) and the column."""
     if source.items is not None:
-        values = list(source.items)
-        where = "inline prompt"
+        located = [(f"inline prompt {n}", value) for n, value in enumerate(source.items, 1)]
     else:
-        path = resolve(source.path or "")
-        records = read_records(path, source.split)
-        values = []
-        for number, record in enumerate(records, 1):
-            if source.column not in record:
-                raise PromptSourceError(
-                    f"{path}: row {number} has no column {source.column!r} (columns: {', '.join(record)})"
-                )
-            values.append(record[source.column])
-        where = str(path)
+        located = []
+        for where, record in located_records(resolve(source.path or ""), source.split):
+            if isinstance(record, dict):
+                if source.column not in record:
+                    columns = ", ".join(map(str, record)) or "none"
+                    raise PromptSourceError(
+                        f"{where}: no column {source.column!r} (columns: {columns}); set prompts.column"
+                    )
+                record = record[source.column]
+            located.append((where, record))
     end = None if source.limit is None else source.offset + source.limit
-    chosen = list(enumerate(values))[source.offset : end]
+    chosen = list(enumerate(located))[source.offset : end]
     return [
-        PromptItem(key=source.key, index=i, prompt=_as_chat(value, f"{where} row {i + 1}"))
-        for i, value in chosen
+        PromptItem(key=source.key, index=i, prompt=_as_chat(value, where)) for i, (where, value) in chosen
     ]

@@ -70,6 +70,7 @@ def run_stage(config: str, overrides: list[str] | None, stage) -> None:
     from cai.gate import GoldError, JudgeGateError
     from cai.ledger import StoreError
     from cai.models import ModelNotFoundError
+    from cai.preferences import PreferenceDataError
     from cai.prompts import TemplateError
     from cai.sources import PromptSourceError
     from cai.stages.base import StageMissingError
@@ -81,7 +82,9 @@ def run_stage(config: str, overrides: list[str] | None, stage) -> None:
         ConstitutionError,
         GoldError,
         JudgeGateError,
+        FileNotFoundError,
         ModelNotFoundError,
+        PreferenceDataError,
         TemplateError,
         PromptSourceError,
         StageMissingError,

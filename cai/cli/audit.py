@@ -89,4 +89,4 @@ def audit(
             title=f"cai audit {run_dir}",
             constitution=cons,
         )
-        console.print(f"[green]html:[/] {html}")
+        console.print(f"[green]html:[/] {html}", markup=True, highlight=False)

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from cai.cli.app import (
     SetOption,
@@ -38,7 +40,7 @@ def constitution_validate(
             constitution = load_constitution(file)
         except (ConstitutionError, FileNotFoundError) as exc:
             failed += 1
-            err_console.print(f"[red]✗[/] {file}\n{exc}", highlight=False)
+            err_console.print(f"[red]✗[/] {escape(file)}\n{escape(str(exc))}", highlight=False)
             continue
         console.print(
             f"[green]✓[/] {file}: {constitution.name} v{constitution.version}, "
@@ -90,10 +92,14 @@ def _read_example(path: Path | None) -> dict:
         return {}
     import yaml
 
+    from cai.yamlfile import YAMLFileError, describe, load_yaml_value, read_yaml_file
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        fail(f"cannot read example {path}: {exc}")
+        data = load_yaml_value(read_yaml_file(path))
+    except YAMLFileError as exc:
+        fail(f"cannot read example {exc}")
+    except yaml.YAMLError as exc:
+        fail(f"cannot read example {path}: {describe(exc)}")
     if not isinstance(data, dict):
         fail(f"{path}: an example is a mapping with prompt, response, critique, response_a, response_b")
     return data
@@ -158,12 +164,10 @@ def prompts_render(
     if as_json:
         console.print_json(json.dumps({"chat": chat, "assistant_prefix": prefix}))
     else:
-        for message in chat:
-            console.print(
-                Panel(message["content"], title=message["role"], title_align="left"), highlight=False
-            )
+        for message in chat:  # Text: a prompt holding "[bold]" is shown as written, never as markup
+            console.print(Panel(Text(message["content"]), title=message["role"], title_align="left"))
         if prefix:
-            console.print(Panel(prefix, title="assistant (answer start; options are scored after it)"))
+            console.print(Panel(Text(prefix), title="assistant (answer start; options are scored after it)"))
     if model:
         from transformers import AutoTokenizer
 
@@ -171,7 +175,7 @@ def prompts_render(
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
         text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + prefix
-        console.print(Panel(text, title=f"as sent to {model}"), highlight=False, markup=False)
+        console.print(Panel(Text(text), title=f"as sent to {model}"))
 
 
 # --------------------------------------------------------------------------- config

@@ -75,6 +75,7 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
     judge_model = cfg.judge_model or ctx.config.model
     examples = ctx.constitution.examples.compare[: cfg.few_shot]
     weights_in = weighting(ctx.constitution, cfg.principles)
+    items = load_prompts(cfg.prompts)  # bad input fails before the gate loads a model, and before any write
     gate, gate_usage = run_gate(ctx, store, judge_model, examples, weights_in == "aggregation")
     with store:
         if gate is not None and gate_usage is not None:  # measured now: its cost is this stage's
@@ -82,7 +83,6 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
             store.add_elapsed(gate.seconds)
             store.commit([], usage=gate_usage)
         done = store.committed()
-        items = load_prompts(cfg.prompts)
         rows = [(f"{item.key}:{item.index}", item) for item in items]
         chunks = [rows[i : i + cfg.chunk_size] for i in range(0, len(rows), cfg.chunk_size)]
         todo = [(n, [r for r in chunk if r[0] not in done]) for n, chunk in enumerate(chunks)]

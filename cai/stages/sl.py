@@ -54,11 +54,11 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
         return store
     timer = Timer()
     model = cfg.model or ctx.config.model
+    jobs = make_jobs(load_prompts(cfg.prompts), cfg.samples_per_prompt)  # bad input fails before any write
     with store:
         if store.repair:
             ctx.console.print(f"[yellow]resuming {NAME}: {store.repair}[/]")
         done = store.committed()
-        jobs = make_jobs(load_prompts(cfg.prompts), cfg.samples_per_prompt)
         chunks = [jobs[i : i + cfg.chunk_size] for i in range(0, len(jobs), cfg.chunk_size)]
         todo = [(n, [j for j in chunk if j.row_id not in done]) for n, chunk in enumerate(chunks)]
         todo = [(n, chunk) for n, chunk in todo if chunk]
