@@ -42,6 +42,7 @@ from cai.yamlfile import (
 Stage = Literal["critique", "revision", "compare"]
 
 _SLUG = r"^[a-z0-9][a-z0-9_.-]*$"
+SLUG_WORDS = "lowercase letters, digits, '-', '_' or '.', starting with a letter or digit (e.g. 'no-doxxing')"
 _TEMPLATE_SYNTAX = re.compile(r"\{\{|\{%|\{#")
 SECURITY_MESSAGE = (
     "template syntax ({{ }}, {% %}, {# #}) is not allowed in constitution text: texts are "
@@ -276,6 +277,8 @@ def parse_constitution(text: str, source: str = "<string>") -> Constitution:
             security |= SECURITY_MESSAGE in message
             if error["type"] == "extra_forbidden":
                 message = f"unknown key {loc[-1]!r}"
+            elif error["type"] == "string_pattern_mismatch":
+                message = f"{error['input']!r} does not match the id pattern: it must be {SLUG_WORDS}"
             problems.append(
                 Problem(
                     source,

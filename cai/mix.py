@@ -85,14 +85,15 @@ def _nothing_usable(path: Path, spec: PreferenceSource, report: LoadReport) -> s
     if not report.malformed:
         return f"{path}: holds no preference pairs (mix.human entry with format {spec.format!r})"
     first = "; ".join(report.problems[:3])
-    hint = ""
+    hints = [f"Reading stopped early: {report.stopped}."] if report.stopped else []
     if path.is_file() and path.read_bytes()[:1024].lstrip()[:1] == b"[":
-        hint = (
-            " It looks like a JSON array: cai reads JSON Lines, one object per line (jq -c '.[]' converts)."
-        )
+        hints.append("It looks like a JSON array: cai reads JSON Lines, one object per line (jq -c '.[]').")
     elif spec.format == "hh":
-        hint = " Is it HH-RLHF? Set format: trl or jsonl for other shapes."
-    return f"{path}: none of its {report.malformed} rows is a usable preference pair (first: {first}).{hint}"
+        hints.append("Is it HH-RLHF? Set format: trl or jsonl for other shapes.")
+    return (
+        f"{path}: none of its {report.malformed} rows is a usable preference pair (first: {first}). "
+        + " ".join(hints)
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,6 +49,13 @@ class PreferenceDataError(ValueError):
     """A preference file that gives no usable pair at all, or cannot be read as its format."""
 
 
+class MissingSplitError(PreferenceDataError, KeyError):
+    """A datasets folder without the split asked for (a KeyError too: it is a missing key)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
 class HHParseError(ValueError):
     """A transcript or pair that is not a well-formed HH-RLHF conversation; says what is wrong."""
 
@@ -139,6 +146,7 @@ class LoadReport(BaseModel):
     problems: list[str] = Field(
         default_factory=list, description=f"First {MAX_PROBLEMS}: 'file:line: reason'."
     )
+    stopped: str | None = Field(None, description="Where reading stopped before the end, and why.")
 
     def problem(self, where: int | str, reason: str) -> None:
         """Count one bad row; remember its location while there is room."""
@@ -177,6 +185,7 @@ def _json_lines(path: Path, report: LoadReport) -> Iterator[tuple[int, Any]]:
                     report.problem(number, f"bad JSON ({err})")
         except (EOFError, OSError) as err:  # truncated or corrupt gzip stream
             report.problem(number + 1, f"unreadable from here on ({err})")
+            report.stopped = f"{path}:{number + 1}: unreadable from here on ({err})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +317,7 @@ def _read_dataset(path: Path, split: str) -> datasets.Dataset:
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise KeyError(f"{path} has no split {split!r}; it has {', '.join(loaded)}")
+                raise MissingSplitError(f"{path} has no split {split!r}; it has {', '.join(loaded)}")
             loaded = loaded[split]
         return loaded
     suffixes = "".join(path.suffixes[-2:])
@@ -330,6 +339,8 @@ def load_trl_preferences(
     report = LoadReport(path=str(path))
     try:
         dataset = _read_dataset(path, split)
+    except MissingSplitError:
+        raise
     except Exception as exc:  # noqa: BLE001 - datasets/arrow errors share no base; re-raised naming the file
         problem = f"{type(exc).__name__}: {exc}"
         raise PreferenceDataError(f"{path}: not a readable TRL preference dataset ({problem})") from exc

@@ -27,6 +27,8 @@ def key(ctx: StageContext) -> StageStore:
 
 
 def run_mix(ctx: StageContext, fresh: bool = False) -> StageStore:
+    from rich.markup import escape
+
     from cai.atomic import atomic_write_jsonl
     from cai.export import write_parquet
     from cai.mix import load_preferences, mix
@@ -48,9 +50,11 @@ def run_mix(ctx: StageContext, fresh: bool = False) -> StageStore:
         reports.append(report.model_dump(mode="json"))
         groups.setdefault(source.source, []).extend(rows)
         if report.malformed:
+            first = report.problems[0] if report.problems else "?"
+            stopped = f"; reading stopped early: {report.stopped}" if report.stopped else ""
             ctx.console.print(
-                f"[yellow]{report.path}: {report.malformed} malformed pairs skipped[/] "
-                f"(first: {report.problems[0] if report.problems else '?'})",
+                f"[yellow]{escape(report.path)}: {report.malformed} malformed pairs skipped[/] "
+                f"(first: {escape(first)}){escape(stopped)}",
                 highlight=False,
             )
     if not ai:
