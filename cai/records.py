@@ -62,6 +62,13 @@ class SLRecord(Row):
         return [*self.prompt, {"role": "assistant", "content": self.final_revision}]
 
 
+class SFTRow(Row):
+    """TRL's conversational language-modelling format: what SFTTrainer reads, one per SL row."""
+
+    messages: Chat = Field(description="The red-team prompt, then the final revision as the answer.")
+    row_id: str = Field(description="Joins the SL row (with every round) this example came from.")
+
+
 # --------------------------------------------------------------------------- feedback stage
 
 

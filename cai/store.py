@@ -73,7 +73,9 @@ M = TypeVar("M", bound=BaseModel)
 LEDGER = "ledger.jsonl"
 ROWS = "rows.jsonl"
 _LOCK = ".lock"
-_RESERVED = frozenset({MANIFEST, LEDGER, ROWS, _LOCK})
+BOOKKEEPING = frozenset({MANIFEST, LEDGER, ROWS, _LOCK})
+"""The store's own files in a stage folder: no stage output may take these names, and no dataset
+card lists them, so `datasets.load_dataset(folder)` never reads them."""
 
 
 class StageLockedError(StoreError):
@@ -287,9 +289,9 @@ class StageStore:
         self._require_open()
         outputs = dict(outputs or {})
         for name in outputs:
-            if name in _RESERVED or Path(name).name != name or name.startswith("."):
+            if name in BOOKKEEPING or Path(name).name != name or name.startswith("."):
                 raise ValueError(
-                    f"output name {name!r} must be a plain file name other than {sorted(_RESERVED)}"
+                    f"output name {name!r} must be a plain file name other than {sorted(BOOKKEEPING)}"
                 )
         key = order or (lambda row: row["row_id"])
         scan = scan_ledger(self.path / LEDGER, self.config_hash)

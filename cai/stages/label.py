@@ -4,12 +4,12 @@
 
 First the judge gate (`cai.gate`): the same judge is measured on the human-labelled gold pairs
 and its figures printed; under `label.gate.action: halt` a failing judge stops the stage before
-anything is written. Then, in its stage folder: `audit.jsonl` (one row per label: every
-principle's reading in both orders, its verdict or why there is none, the rule, the decisive
-principles, what became of each pair), `preferences.jsonl` / `preferences.parquet` (TRL
+anything is written. Then, in its stage folder: `audit.jsonl` / `audit.parquet` (one row per
+label: every principle's reading in both orders, its verdict or why there is none, the rule, the
+decisive principles, what became of each pair), `preferences.jsonl` / `preferences.parquet` (TRL
 preference format with `label_id` joining the audit rows; only pairs with a verdict by default),
-`gate.json` and a dataset card. The judge-quality figures are printed at the end and stored in
-the manifest summary.
+`gate.json` and a dataset card whose configs load the two Parquet files (`cai.export`). The
+judge-quality figures are printed at the end and stored in the manifest summary.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from cai.atomic import atomic_write_json, atomic_write_jsonl
 from cai.backends.base import Usage
+from cai.export import HubConfig, dataset_card, preference_config, write_card, write_parquet
 from cai.gate import (
     HOW_TO_PROCEED,
     GateResult,
@@ -119,8 +120,9 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
         summary.update(failed_labels=sum(1 for r in results if r.error), seconds=round(timer.seconds, 1))
         outputs = {
             "audit.jsonl": lambda path: atomic_write_jsonl(path, audits),
+            "audit.parquet": lambda path: write_parquet(path, audits, LabelAudit),
             "preferences.jsonl": lambda path: atomic_write_jsonl(path, preferences),
-            "preferences.parquet": lambda path: _write_parquet(path, preferences),
+            "preferences.parquet": lambda path: write_parquet(path, preferences, PreferenceRow),
             "README.md": lambda path: _write_card(path, store, summary, ctx.constitution.hash),
         }
         if gate is not None:
@@ -246,15 +248,8 @@ def label_chunk(ctx, chunk, number, policy_backend, judge_backend, examples, met
     return results
 
 
-def _write_parquet(path: Path, rows: list[PreferenceRow]) -> None:
-    from cai.export import write_parquet
-
-    write_parquet(path, rows)
-
-
 def _write_card(path: Path, store: StageStore, summary: dict, constitution_hash: str) -> None:
     from cai.audit import gold_item
-    from cai.export import dataset_card, write_card
 
     config = store.config
     gate = GateResult.model_validate(summary["gate"]) if "gate" in summary else None
@@ -283,21 +278,29 @@ def _write_card(path: Path, store: StageStore, summary: dict, constitution_hash:
             "config_hash": store.config_hash,
             "upstream": ", ".join(f"{k}={v[:12]}" for k, v in store.upstream.items()) or "none",
         },
-        files={
-            "preferences.parquet": "TRL preference format (prompt, chosen, rejected) + provenance columns",
-            "preferences.jsonl": "the same rows as JSON lines",
-            "audit.jsonl": "per label: every principle's readings in both orders and its verdict, the rule, "
-            "decisive principles, what became of each pair",
-            "gate.json": "the judge measured on human-labelled gold pairs before labelling",
-        },
-        columns={
-            "prompt / chosen / rejected": "conversational messages",
-            "source": "ai-harmless",
-            "soft_label": "P(chosen is better) from the judge, averaged over the principles with a verdict",
-            "margin": "logit of the soft label",
-            "weight / contested": "training weight and whether principles' verdicts disagreed",
-            "verdict": "whether any principle gave a verdict on the pair",
-            "label_id": "joins audit.jsonl",
+        configs=[
+            preference_config(summary["preference_rows"], "ai-harmless"),
+            HubConfig(
+                name="audit",
+                file="audit.parquet",
+                rows=summary["labels"],
+                text="One row per label: everything that shaped it, so 'which principle decided this "
+                "pair?' is answerable from this config alone.",
+                columns={
+                    "label_id": "joins the `label_id` of the preference rows",
+                    "prompt / responses": "the conversation and the K sampled responses",
+                    "votes": "per principle and pair: both orders' option log-probs and probabilities, the "
+                    "verdict or why there is none (`no_verdict`)",
+                    "rule / outcome / pairs": "the aggregation rule, its ranking and scores, every derived "
+                    "pair with its decisive principles",
+                    "training": "per derived pair: a training row, or why not",
+                },
+            ),
+        ],
+        other_files={
+            "preferences.jsonl": "the `preferences` rows as JSON lines (what `cai mix` reads)",
+            "audit.jsonl": "the `audit` rows as JSON lines (what `cai audit` reads)",
+            GATE_FILE: "the judge measured on human-labelled gold pairs before labelling (when measured)",
         },
         counts={k: v for k, v in summary.items() if isinstance(v, int) and not isinstance(v, bool)},
     )

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 from cai.atomic import atomic_write_jsonl
 from cai.critique import SLConfig, SLMeta, make_jobs, run_chunk
-from cai.export import dataset_card, write_card, write_parquet
-from cai.records import SLRecord
+from cai.export import HubConfig, dataset_card, write_card, write_parquet
+from cai.records import SFTRow, SLRecord
 from cai.sources import load_prompts
 from cai.stages.base import Stage, Timer, skip_message, usage_since
 from cai.store import StageStore
@@ -84,20 +84,15 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
                     store.commit(records, usage=usage_since(backend, before))
                     ctx.model_calls += 1
                     advance(len(chunk))
-        rows = list(store.rows(SLRecord))
+        rows = sorted_rows(list(store.rows(SLRecord)))
+        sft = [SFTRow(messages=r.messages(), row_id=r.row_id) for r in rows if not r.error]
         summary = sl_summary(rows)
-        card = sl_card(ctx, store, summary)
+        card = sl_card(ctx, store, summary, len(sft))
         store.finalize(
             outputs={
-                "sft.jsonl": lambda path: atomic_write_jsonl(
-                    path,
-                    (
-                        {"messages": r.messages(), "row_id": r.row_id}
-                        for r in sorted_rows(rows)
-                        if not r.error
-                    ),
-                ),
-                "data.parquet": lambda path: write_parquet(path, sorted_rows(rows)),
+                "sft.jsonl": lambda path: atomic_write_jsonl(path, sft),
+                "sft.parquet": lambda path: write_parquet(path, sft, SFTRow),
+                "data.parquet": lambda path: write_parquet(path, rows, SLRecord),
                 "README.md": lambda path: write_card(path, card),
             },
             order=lambda row: (row["source"], row["index"], row["sample"]),
@@ -106,7 +101,7 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
     ctx.console.print(
         f"[green]✓[/] {NAME}: {summary['rows']} rows ({summary['errors']} with errors) -> {store.path}"
     )
-    example = next((r for r in sorted_rows(rows) if not r.error and r.rounds), None)
+    example = next((r for r in rows if not r.error and r.rounds), None)
     if example is not None:
         show_example(ctx.console, example)
     return store
@@ -148,7 +143,7 @@ def sl_summary(rows: list[SLRecord]) -> dict:
     }
 
 
-def sl_card(ctx: StageContext, store: StageStore, summary: dict) -> str:
+def sl_card(ctx: StageContext, store: StageStore, summary: dict, sft_rows: int) -> str:
     config = store.config
     constitution_hash = ctx.constitution.hash
     return dataset_card(
@@ -168,17 +163,35 @@ def sl_card(ctx: StageContext, store: StageStore, summary: dict) -> str:
             "seed": config["seed"],
             "config_hash": store.config_hash,
         },
-        files={
-            "data.parquet": "every row with every round (principle id, critique, revision, token counts)",
-            "sft.jsonl": "TRL conversational SFT format (`messages`): prompt + final revision",
-        },
-        columns={
-            "prompt": "the red-team conversation",
-            "initial_response": "the model's first answer",
-            "rounds": "per round: principle_id, critique, revision, token counts",
-            "final_revision": "the SFT target",
-            "constitution_hash / template_hashes / config_hash": "what shaped the row",
-        },
+        configs=[
+            HubConfig(
+                name="sft",
+                file="sft.parquet",
+                rows=sft_rows,
+                default=True,
+                text="TRL's conversational format for SFTTrainer; rows whose model calls failed are "
+                "left out.",
+                columns={
+                    "messages": "the red-team prompt, then the final revision as the assistant's answer",
+                    "row_id": "joins the `rows` config",
+                },
+            ),
+            HubConfig(
+                name="rows",
+                file="data.parquet",
+                rows=summary["rows"],
+                text="Every row with every round: what the loop did and what shaped it.",
+                columns={
+                    "prompt": "the red-team conversation",
+                    "initial_response": "the model's first answer",
+                    "rounds": "per round: principle_id, critique, revision, token counts",
+                    "final_revision": "the SFT target",
+                    "constitution_hash / template_hashes / config_hash": "what shaped the row",
+                    "error": "why a model call failed for this row (null when none did)",
+                },
+            ),
+        ],
+        other_files={"sft.jsonl": "the `sft` rows as JSON lines (what `cai train sft` reads)"},
         counts={k: v for k, v in summary.items() if isinstance(v, int)},
     )
 
