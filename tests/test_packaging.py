@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -43,9 +44,13 @@ def test_wheel_contains_shipped_files(wheel):
         "cai/_shipped/prompts/critique_request.j2",
         "cai/data/red_team.jsonl",
         "cai/data/hh_helpful.jsonl",
-        "cai/cli.py",
+        "cai/data/gold_harmless.jsonl",
     ):
         assert expected in names, expected
+    # every module of every subpackage (cli/, audit/, report/, stages/, train/ppo/...) ships
+    root = Path(__file__).resolve().parent.parent
+    modules = {p.relative_to(root).as_posix() for p in (root / "cai").rglob("*.py")}
+    assert modules - names == set()
     assert any(n.startswith("cai/_shipped/configs/") and n.endswith(".yaml") for n in names)
     assert not any(n.startswith("tests/") for n in names)
 
