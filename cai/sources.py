@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai.backends.base import Chat
 from cai.sections import Section
+from cai.textfile import decode_text
 
 MAX_PROMPT_CHARS = 200_000
 """A prompt longer than this is a mistake (a whole file pasted into one cell), not a prompt."""
@@ -92,13 +93,7 @@ def resolve(path: str) -> Path:
 
 
 def _text(path: Path) -> str:
-    data = path.read_bytes()
-    if b"\0" in data:
-        raise PromptSourceError(f"{path}: a binary file (it holds NUL bytes), not a prompt file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PromptSourceError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    return decode_text(path, path.read_bytes(), kind="a prompt file", error=PromptSourceError)
 
 
 def _json_lines(path: Path, text: str) -> list[tuple[str, Any]]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from cai.textfile import decode_text
+
 LineIndex = dict[tuple, int]
 
 MAX_BYTES = 1_000_000
@@ -46,13 +48,7 @@ def read_yaml_file(path: Path) -> str:
         raise YAMLFileError(f"{path}: cannot read it ({exc.strerror})") from None
     if size > MAX_BYTES:
         raise YAMLFileError(f"{path}: {size:,} bytes is over the {MAX_BYTES:,}-byte limit for a YAML file")
-    data = path.read_bytes()
-    if b"\0" in data:
-        raise YAMLFileError(f"{path}: a binary file (it holds NUL bytes), not YAML text")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise YAMLFileError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    return decode_text(path, path.read_bytes(), kind="YAML text", error=YAMLFileError)
 
 
 def describe(exc: yaml.YAMLError) -> str:

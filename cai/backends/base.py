@@ -161,6 +161,18 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def option_token_ids(tokenizer: object, options: Sequence[str]) -> tuple[list[list[int]], bool]:
+    """Each option's token ids (no special tokens) and whether every option is one token.
+
+    An option that tokenizes to nothing could never be scored, so it is refused here, once for
+    every engine that scores choices locally.
+    """
+    option_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]  # type: ignore[operator]
+    if any(not ids for ids in option_ids):
+        raise ValueError(f"an option tokenizes to nothing: {list(options)!r}")
+    return option_ids, all(len(ids) == 1 for ids in option_ids)
+
+
 def request_seed(seed: int | None, index: int) -> int | None:
     """The seed of item `index` of a call seeded with `seed` (None stays unseeded).
 

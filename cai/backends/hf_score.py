@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cai.backends.base import ChoiceScores, ScorePrompt
+from cai.backends.base import ChoiceScores, ScorePrompt, option_token_ids
 
 log = logging.getLogger("cai.backends.hf")
 
@@ -52,11 +52,7 @@ class ScoringMixin:
 
         if not options:
             raise ValueError("score_choices needs at least one option")
-        tok = self.tokenizer
-        option_ids = [tok(o, add_special_tokens=False)["input_ids"] for o in options]
-        if any(not ids for ids in option_ids):
-            raise ValueError(f"an option tokenizes to nothing: {list(options)!r}")
-        single = all(len(ids) == 1 for ids in option_ids)
+        option_ids, single = option_token_ids(self.tokenizer, options)
         results: list[ChoiceScores | None] = [None] * len(prompts)
         jobs: list[_ScoreJob] = []
         limit = self.max_length

@@ -27,7 +27,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cai.backends.base import Chat, ChoiceScores, Completion, Sample, ScorePrompt, Usage, request_seed
+from cai.backends.base import (
+    Chat,
+    ChoiceScores,
+    Completion,
+    Sample,
+    ScorePrompt,
+    Usage,
+    option_token_ids,
+    request_seed,
+)
 from cai.sections import SamplingParams, VLLMEngine
 
 log = logging.getLogger("cai.backends.vllm")
@@ -229,10 +238,7 @@ class VLLMBackend:
     def score_choices(self, prompts: Sequence[ScorePrompt], options: Sequence[str]) -> list[ChoiceScores]:
         if not options:
             raise ValueError("score_choices needs at least one option")
-        option_ids = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
-        if any(not ids for ids in option_ids):
-            raise ValueError(f"an option tokenizes to nothing: {list(options)!r}")
-        single = all(len(ids) == 1 for ids in option_ids)
+        option_ids, single = option_token_ids(self.tokenizer, options)
         longest_option = max(len(ids) for ids in option_ids)
         results: list[ChoiceScores | None] = [None] * len(prompts)
         encoded: dict[int, list[int]] = {}
