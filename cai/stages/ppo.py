@@ -11,9 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cai.stages.base import Stage
-from cai.stages.training import training_key, training_stage
-from cai.store import StageStore
+from cai.stages.training import training_stage_def
 from cai.train.ppo.config import PPOConfig
 
 if TYPE_CHECKING:
@@ -32,53 +30,47 @@ def _models(ctx: StageContext, complete: bool = False) -> tuple[str, str, dict[s
     return policy, reward, {**upstream, **sft}
 
 
-def key(ctx: StageContext) -> StageStore:
-    policy, _, upstream = _models(ctx)
-    return training_key(ctx, "ppo", ctx.config.ppo, policy, upstream)
+def _start(ctx: StageContext, complete: bool) -> tuple[str, dict[str, str]]:
+    policy, _, upstream = _models(ctx, complete)
+    return policy, upstream
 
 
-def run_ppo(ctx: StageContext, fresh: bool = False) -> StageStore:
+def _train(ctx: StageContext, cfg: PPOConfig, output: Path, seed: int) -> tuple[dict, str]:
     from cai.train.ppo.trainer import train_ppo
 
-    cfg = ctx.config.ppo
-
-    def train(output: Path, seed: int) -> tuple[dict, str]:
-        policy, reward, _ = _models(ctx, complete=True)
-        result = train_ppo(cfg, output, policy=policy, reward_model=reward)
-        history = result.history
-        summary = {
-            "rollouts": sum(h["rollouts"] for h in history),
-            # mean response length x rollouts, per step: the tokens sampled
-            "generated_tokens": round(sum(h["response_length"] * h["rollouts"] for h in history)),
-            "model_path": str(result.policy_path) if result.policy_path else None,
-            "reward_model": reward,
-            "steps": result.steps,
-            "resumed_from_step": result.resumed_from_step,
-            "nan_skipped_steps": result.nan_skipped_steps,
-            "warnings": result.warnings,
-            "history": result.history,
-        }
-        first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
-        what = (
-            f"{result.steps} steps, reward {first.get('reward', float('nan')):.3f} -> "
-            f"{last.get('reward', float('nan')):.3f}, KL {last.get('kl', float('nan')):.3f}, "
-            f"KL coefficient {first.get('kl_coef', float('nan')):.4g} -> "
-            f"{last.get('kl_coef', float('nan')):.4g}"
-        )
-        return summary, what
-
-    return training_stage(ctx, "ppo", cfg, fresh, train)
+    policy, reward, _ = _models(ctx, complete=True)
+    result = train_ppo(cfg, output, policy=policy, reward_model=reward)
+    history = result.history
+    summary = {
+        "rollouts": sum(h["rollouts"] for h in history),
+        # mean response length x rollouts, per step: the tokens sampled
+        "generated_tokens": round(sum(h["response_length"] * h["rollouts"] for h in history)),
+        "model_path": str(result.policy_path) if result.policy_path else None,
+        "reward_model": reward,
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from_step,
+        "nan_skipped_steps": result.nan_skipped_steps,
+        "warnings": result.warnings,
+        "history": result.history,
+    }
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    what = (
+        f"{result.steps} steps, reward {first.get('reward', float('nan')):.3f} -> "
+        f"{last.get('reward', float('nan')):.3f}, KL {last.get('kl', float('nan')):.3f}, "
+        f"KL coefficient {first.get('kl_coef', float('nan')):.4g} -> "
+        f"{last.get('kl_coef', float('nan')):.4g}"
+    )
+    return summary, what
 
 
-STAGE = Stage(
-    name="ppo",
-    command="cai train ppo",
-    help="PPO against the preference model with a KL penalty to the SFT model (resumable).",
+STAGE = training_stage_def(
+    "ppo",
+    config=PPOConfig,
     reads=("pm", "sft"),
-    key=key,
-    run=run_ppo,
+    start=_start,
+    train=_train,
     model_dir="policy",
     policy=True,
-    config=PPOConfig,
+    help="PPO against the preference model with a KL penalty to the SFT model (resumable).",
     about="Our PPO against the PM, KL to the SFT model.",
 )

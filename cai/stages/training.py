@@ -3,6 +3,8 @@
 Each training stage's folder is keyed by its config section, the model it starts from, the run
 seed and the keys of the stages it reads; the training itself lives in `cai/train/`. Under
 `accelerate launch` every rank trains and rank 0 alone opens and finalizes the folder.
+`training_stage_def` builds a training stage's `Stage` from the two things that differ between
+them: where it starts and what it trains, so a training stage module holds only those.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cai.stages.base import Timer, skip_message, writer
+from cai.stages.base import Stage, Timer, skip_message, writer
 from cai.store import StageStore
 
 if TYPE_CHECKING:
     from cai.stages.context import StageContext
+
+
+StartFn = Callable[["StageContext", bool], tuple[str, dict[str, str]]]
+TrainFn = Callable[["StageContext", Any, Path, int], tuple[dict, str]]
 
 
 def training_key(
@@ -62,3 +68,55 @@ def training_stage(
             opened.finalize(summary={**summary, "seconds": round(timer.seconds, 1), "world_size": world})
             ctx.console.print(f"[green]✓[/] {name}: {what} -> {store.path}", highlight=False)
     return store
+
+
+def training_stage_def(
+    name: str,
+    *,
+    config: type[Any],
+    reads: tuple[str, ...],
+    train: TrainFn,
+    help: str,
+    about: str,
+    start: StartFn | None = None,
+    model_dir: str = "model",
+    policy: bool = False,
+    default: bool = True,
+) -> Stage:
+    """A training stage run as `cai train NAME`, configured by the run config's `NAME` section.
+
+    `start(ctx, complete)` gives the model the stage starts from and the keys of the stages it
+    reads; by default the section's `model`, else this recipe's SFT model, plus the keys of every
+    other stage in `reads`. `train(ctx, section, output_dir, seed)` trains and returns the summary
+    to store and a one-line description.
+    """
+
+    def default_start(ctx: StageContext, complete: bool) -> tuple[str, dict[str, str]]:
+        model, upstream = ctx.starting_model(getattr(ctx.config, name).model, complete)
+        return model, {**{r: ctx.store(r).config_hash for r in reads if r != "sft"}, **upstream}
+
+    begin = start or default_start
+
+    def key(ctx: StageContext) -> StageStore:
+        model, upstream = begin(ctx, False)
+        return training_key(ctx, name, getattr(ctx.config, name), model, upstream)
+
+    def run(ctx: StageContext, fresh: bool = False) -> StageStore:
+        section = getattr(ctx.config, name)
+        return training_stage(
+            ctx, name, section, fresh, lambda output, seed: train(ctx, section, output, seed)
+        )
+
+    return Stage(
+        name=name,
+        command=f"cai train {name}",
+        help=help,
+        reads=reads,
+        key=key,
+        run=run,
+        config=config,
+        about=about,
+        default=default,
+        model_dir=model_dir,
+        policy=policy,
+    )
