@@ -14,7 +14,7 @@ Two rules hold for every backend:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -171,6 +171,43 @@ def option_token_ids(tokenizer: object, options: Sequence[str]) -> tuple[list[li
     if any(not ids for ids in option_ids):
         raise ValueError(f"an option tokenizes to nothing: {list(options)!r}")
     return option_ids, all(len(ids) == 1 for ids in option_ids)
+
+
+def encode_chat(tokenizer: object, chat: Chat, prefix: str = "") -> list[int]:
+    """The tokens every local engine sends for `chat`: its template with a generation prompt, then
+    `prefix` (the start of the answer), so hf and vLLM score and generate from the same ids."""
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)  # type: ignore[attr-defined]
+    return tokenizer(text + prefix, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+
+
+def encode_within(
+    encode: Callable[[Chat, str], list[int]],
+    chats: Sequence[tuple[Chat, str]],
+    *,
+    room: int,
+    limit: int,
+    needs: str = "",
+) -> tuple[dict[int, list[int]], dict[int, tuple[str, int]]]:
+    """Encode each (chat, prefix); keep those that leave `room` tokens within `limit`.
+
+    Returns the ids by index and, for the rest, (error message, prompt tokens) by index: a chat
+    whose template fails or that is too long fails alone, never the batch. `needs` says what the
+    room is for in the message (e.g. " + 64 new tokens").
+    """
+    encoded: dict[int, list[int]] = {}
+    failed: dict[int, tuple[str, int]] = {}
+    for index, (chat, prefix) in enumerate(chats):
+        try:
+            ids = encode(chat, prefix)
+        except Exception as exc:  # noqa: BLE001 - a malformed chat fails only its own item
+            failed[index] = (f"chat template failed: {exc}", 0)
+            continue
+        if len(ids) + room > limit:
+            message = f"prompt of {len(ids)} tokens{needs} exceeds the maximum length {limit}"
+            failed[index] = (message, len(ids))
+            continue
+        encoded[index] = ids
+    return encoded, failed
 
 
 def request_seed(seed: int | None, index: int) -> int | None:

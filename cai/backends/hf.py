@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from cai.backends.base import Chat, Completion, Sample, Usage
+from cai.backends.base import Chat, Completion, Sample, Usage, encode_chat, encode_within
 from cai.backends.hf_kernels import can_pack_linears, growing_cache, pack_linears
 from cai.backends.hf_score import ScoringMixin
 from cai.sections import HFEngine, SamplingParams
@@ -125,8 +125,7 @@ class HFBackend(ScoringMixin):
         self._models.clear()
 
     def encode_chat(self, chat: Chat, prefix: str = "") -> list[int]:
-        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text + prefix, add_special_tokens=False)["input_ids"]
+        return encode_chat(self.tokenizer, chat, prefix)
 
     # ------------------------------------------------------------------ generation
 
@@ -134,22 +133,15 @@ class HFBackend(ScoringMixin):
         import torch
 
         results: list[Completion | None] = [None] * len(chats)
-        encoded: dict[int, list[int]] = {}
-        limit = self.max_length
-        for index, chat in enumerate(chats):
-            try:
-                ids = self.encode_chat(chat)
-            except Exception as exc:  # noqa: BLE001 - a malformed chat fails only its own item
-                results[index] = Completion(error=f"chat template failed: {exc}")
-                continue
-            if len(ids) + params.max_new_tokens > limit:
-                results[index] = Completion(
-                    prompt_tokens=len(ids),
-                    error=f"prompt of {len(ids)} tokens + {params.max_new_tokens} new tokens exceeds "
-                    f"the maximum length {limit}",
-                )
-                continue
-            encoded[index] = ids
+        encoded, failed = encode_within(
+            self.encode_chat,
+            [(chat, "") for chat in chats],
+            room=params.max_new_tokens,
+            limit=self.max_length,
+            needs=f" + {params.max_new_tokens} new tokens",
+        )
+        for index, (error, tokens) in failed.items():
+            results[index] = Completion(prompt_tokens=tokens, error=error)
         order = sorted(encoded, key=lambda i: -len(encoded[i]))
         model = self.model(self.gen_dtype)
         devices = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []

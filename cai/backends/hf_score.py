@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cai.backends.base import ChoiceScores, ScorePrompt, option_token_ids
+from cai.backends.base import ChoiceScores, ScorePrompt, encode_within, option_token_ids
 
 log = logging.getLogger("cai.backends.hf")
 
@@ -54,20 +54,16 @@ class ScoringMixin:
             raise ValueError("score_choices needs at least one option")
         option_ids, single = option_token_ids(self.tokenizer, options)
         results: list[ChoiceScores | None] = [None] * len(prompts)
+        encoded, failed = encode_within(
+            self.encode_chat,
+            [(prompt.chat, prompt.assistant_prefix) for prompt in prompts],
+            room=max(len(o) for o in option_ids),
+            limit=self.max_length,
+        )
+        for index, (error, _) in failed.items():
+            results[index] = ChoiceScores.failed(options, error)
         jobs: list[_ScoreJob] = []
-        limit = self.max_length
-        for index, prompt in enumerate(prompts):
-            try:
-                ids = self.encode_chat(prompt.chat, prompt.assistant_prefix)
-            except Exception as exc:  # noqa: BLE001 - fails only this item
-                results[index] = ChoiceScores.failed(options, f"chat template failed: {exc}")
-                continue
-            longest = len(ids) + max(len(o) for o in option_ids)
-            if longest > limit:
-                results[index] = ChoiceScores.failed(
-                    options, f"prompt of {len(ids)} tokens exceeds the maximum length {limit}"
-                )
-                continue
+        for index, ids in encoded.items():
             if single:
                 jobs.append(_ScoreJob(index, -1, ids, 0))
             else:

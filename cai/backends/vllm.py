@@ -34,6 +34,8 @@ from cai.backends.base import (
     Sample,
     ScorePrompt,
     Usage,
+    encode_chat,
+    encode_within,
     option_token_ids,
     request_seed,
 )
@@ -155,8 +157,7 @@ class VLLMBackend:
 
     def encode_chat(self, chat: Chat, prefix: str = "") -> list[int]:
         """Same tokens as `HFBackend.encode_chat`: template with a generation prompt, then prefix."""
-        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text + prefix, add_special_tokens=False)["input_ids"]
+        return encode_chat(self.tokenizer, chat, prefix)
 
     # ------------------------------------------------------------------ running requests
 
@@ -185,20 +186,17 @@ class VLLMBackend:
         from vllm import SamplingParams as VSamplingParams
 
         results: list[Completion | None] = [None] * len(chats)
+        encoded, failed = encode_within(
+            self.encode_chat,
+            [(chat, "") for chat in chats],
+            room=params.max_new_tokens,
+            limit=self.max_model_len,
+            needs=f" + {params.max_new_tokens} new tokens",
+        )
+        for index, (error, tokens) in failed.items():
+            results[index] = Completion(prompt_tokens=tokens, error=error)
         indices, prompts, requests = [], [], []
-        for index, chat in enumerate(chats):
-            try:
-                ids = self.encode_chat(chat)
-            except Exception as exc:  # noqa: BLE001 - a malformed chat fails only its own item
-                results[index] = Completion(error=f"chat template failed: {exc}")
-                continue
-            if len(ids) + params.max_new_tokens > self.max_model_len:
-                results[index] = Completion(
-                    prompt_tokens=len(ids),
-                    error=f"prompt of {len(ids)} tokens + {params.max_new_tokens} new tokens exceeds "
-                    f"the maximum length {self.max_model_len}",
-                )
-                continue
+        for index, ids in encoded.items():
             indices.append(index)
             prompts.append(ids)
             requests.append(
@@ -239,22 +237,16 @@ class VLLMBackend:
         if not options:
             raise ValueError("score_choices needs at least one option")
         option_ids, single = option_token_ids(self.tokenizer, options)
-        longest_option = max(len(ids) for ids in option_ids)
         results: list[ChoiceScores | None] = [None] * len(prompts)
-        encoded: dict[int, list[int]] = {}
-        for index, prompt in enumerate(prompts):
-            try:
-                ids = self.encode_chat(prompt.chat, prompt.assistant_prefix)
-            except Exception as exc:  # noqa: BLE001 - fails only this item
-                results[index] = ChoiceScores.failed(options, f"chat template failed: {exc}")
-                continue
+        encoded, failed = encode_within(
+            self.encode_chat,
+            [(prompt.chat, prompt.assistant_prefix) for prompt in prompts],
             # vLLM needs room for the one token it generates after the scored ones
-            if len(ids) + longest_option + 1 > self.max_model_len:
-                results[index] = ChoiceScores.failed(
-                    options, f"prompt of {len(ids)} tokens exceeds the maximum length {self.max_model_len}"
-                )
-                continue
-            encoded[index] = ids
+            room=max(len(ids) for ids in option_ids) + 1,
+            limit=self.max_model_len,
+        )
+        for index, (error, _) in failed.items():
+            results[index] = ChoiceScores.failed(options, error)
         if single:
             scored = self._score_single(encoded, [ids[0] for ids in option_ids])
         else:

@@ -59,7 +59,14 @@ def usage_since(backend: Backend, before: Usage) -> Usage:
     return backend.usage.minus(before)
 
 
-def skip_message(ctx: StageContext, store: StageStore) -> None:
+def open_or_skip(ctx: StageContext, name: str, fresh: bool) -> tuple[StageStore, bool]:
+    """This config's store for stage `name` (discarded first under --fresh), and whether it is
+    already complete, in which case the skip is announced and the caller returns the store as is."""
+    store = ctx.store(name)
+    if fresh:
+        store.discard()
+    if not store.is_complete:
+        return store, False
     ctx.skipped.add(store.stage)
     manifest = store.manifest
     ctx.console.print(
@@ -67,6 +74,7 @@ def skip_message(ctx: StageContext, store: StageStore) -> None:
         f"{store.config_hash[:12]}), skipped -> {store.path}",
         highlight=False,
     )
+    return store, True
 
 
 def is_main_process() -> bool:

@@ -17,7 +17,7 @@ from rich.table import Table
 from cai.atomic import atomic_write_jsonl
 from cai.evaluate import EvalConfig
 from cai.records import MetricRow
-from cai.stages.base import Stage, Timer, skip_message
+from cai.stages.base import Stage, Timer, open_or_skip
 from cai.store import StageStore
 
 if TYPE_CHECKING:
@@ -63,11 +63,8 @@ def run_eval(ctx: StageContext, fresh: bool = False) -> StageStore:
     from cai.evaluate import evaluate_policies, generate_answers, load_eval_prompts, pm_accuracy_rows
 
     cfg = ctx.config.eval
-    store = ctx.store(NAME)
-    if fresh:
-        store.discard()
-    if store.is_complete:
-        skip_message(ctx, store)
+    store, done = open_or_skip(ctx, NAME, fresh)
+    if done:
         print_metrics(ctx, read_metrics(store.path))
         return store
     policies, upstream = eval_policies(ctx)

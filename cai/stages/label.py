@@ -35,7 +35,7 @@ from cai.gate import (
 from cai.judge import LabelConfig, LabelMeta, build_label, choose_principles, judge, weighting
 from cai.records import LabelAudit, LabelResult, PreferenceRow
 from cai.sources import load_prompts
-from cai.stages.base import Stage, Timer, skip_message, usage_since
+from cai.stages.base import Stage, Timer, open_or_skip, usage_since
 from cai.store import StageStore
 
 if TYPE_CHECKING:
@@ -65,11 +65,8 @@ def key(ctx: StageContext) -> StageStore:
 
 def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
     cfg = ctx.config.label
-    store = ctx.store(NAME)
-    if fresh:
-        store.discard()
-    if store.is_complete:
-        skip_message(ctx, store)
+    store, done = open_or_skip(ctx, NAME, fresh)
+    if done:
         return store
     timer = Timer()
     policy, _ = ctx.starting_model(cfg.policy, complete=True)

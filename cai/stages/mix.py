@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from cai.export import dataset_card, preference_config, write_card, write_parquet
 from cai.mix import MixConfig
 from cai.records import PreferenceRow
-from cai.stages.base import Stage, skip_message
+from cai.stages.base import Stage, open_or_skip
 from cai.store import StageStore
 
 if TYPE_CHECKING:
@@ -38,11 +38,8 @@ def run_mix(ctx: StageContext, fresh: bool = False) -> StageStore:
     from cai.preferences import read_preferences
 
     cfg = ctx.config.mix
-    store = ctx.store("mix")
-    if fresh:
-        store.discard()
-    if store.is_complete:
-        skip_message(ctx, store)
+    store, done = open_or_skip(ctx, "mix", fresh)
+    if done:
         return store
     label = ctx.upstream("label")
     ai = read_preferences(label.path / "preferences.jsonl")

@@ -18,7 +18,7 @@ from cai.critique import SLConfig, SLMeta, make_jobs, run_chunk
 from cai.export import HubConfig, dataset_card, write_card, write_parquet
 from cai.records import SFTRow, SLRecord
 from cai.sources import load_prompts
-from cai.stages.base import Stage, Timer, skip_message, usage_since
+from cai.stages.base import Stage, Timer, open_or_skip, usage_since
 from cai.store import StageStore
 
 if TYPE_CHECKING:
@@ -46,11 +46,8 @@ def key(ctx: StageContext) -> StageStore:
 
 def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
     cfg = ctx.config.sl
-    store = ctx.store(NAME)
-    if fresh:
-        store.discard()
-    if store.is_complete:
-        skip_message(ctx, store)
+    store, done = open_or_skip(ctx, NAME, fresh)
+    if done:
         return store
     timer = Timer()
     model = cfg.model or ctx.config.model

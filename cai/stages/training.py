@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cai.stages.base import Stage, Timer, skip_message, writer
+from cai.stages.base import Stage, Timer, open_or_skip, writer
 from cai.store import StageStore
 
 if TYPE_CHECKING:
@@ -52,11 +52,8 @@ def training_stage(
 
     `train(output_dir, seed)` returns the summary to store and a one-line description.
     """
-    store = ctx.store(name)
-    if fresh:
-        store.discard()
-    if store.is_complete:
-        skip_message(ctx, store)
+    store, done = open_or_skip(ctx, name, fresh)
+    if done:
         return store
     ctx.release()  # free inference copies before training
     timer = Timer()
