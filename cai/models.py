@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,18 +46,24 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 @contextlib.contextmanager
-def quiet_loading():
-    """Silence transformers' per-load progress bars and info logs; cai reports loads itself."""
+def quiet_loading() -> Iterator[None]:
+    """Silence transformers' per-load progress bars and info logs; cai reports loads itself.
+
+    Both are put back as they were, not switched on: a trainer loads inside
+    `cai.train.common.no_progress_bars`, which must stay in force for the whole run.
+    """
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def cache_dir() -> Path:

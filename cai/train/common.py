@@ -7,6 +7,7 @@ same small sections so a user learns one vocabulary (`lora.r`, `train.learning_r
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -157,27 +158,6 @@ def no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-@contextlib.contextmanager
-def quiet_logs() -> Iterator[None]:
-    """Hide transformers' info/warning chatter and load bars while loading models (restored after).
-
-    Not `cai.models.quiet_loading`: that one re-enables progress bars on exit, which would undo
-    `no_progress_bars` around a whole training run.
-    """
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def newest_checkpoint(checkpoints: Path) -> str | None:
     """The newest `checkpoint-N` folder under `checkpoints`, or None for a fresh run."""
     if not Path(checkpoints).is_dir():
@@ -227,6 +207,38 @@ def attach_console(trainer: Any, console: Any, columns: dict[str, str]) -> None:
 
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(console_log_callback(console, columns))
+
+
+def build_trainer(
+    trainer_cls: Any,
+    model_path: str,
+    args: Any,
+    lora: LoraSection | None,
+    console: Any,
+    columns: dict[str, str],
+    **kwargs: Any,
+) -> Any:
+    """`trainer_cls` (trl's SFT, DPO or RLOO trainer) on the causal LM in `model_path`.
+
+    The tokenizer and model load quietly, with LoRA adapters when `lora` is set; the logs print
+    as `columns` rows on `console` (default: stderr). `kwargs` (train_dataset, reward_funcs, ...)
+    go to the trainer as they are.
+    """
+    from transformers import AutoTokenizer
+
+    from cai.models import quiet_loading
+
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        trainer = trainer_cls(
+            model=model_path,
+            args=args,
+            processing_class=tokenizer,
+            peft_config=peft_config(lora, "CAUSAL_LM") if lora else None,
+            **kwargs,
+        )
+    attach_console(trainer, console or default_console(), columns)
+    return trainer
 
 
 def run_trainer(trainer: Any, checkpoints: Path) -> str | None:
@@ -280,3 +292,23 @@ def save_trained(trainer: Any, folder: Path, merge: bool) -> bool:
         # A pickle of the TrainingArguments; the checkpoints keep one, the model folder needs none.
         (folder / "training_args.bin").unlink(missing_ok=True)
     return False
+
+
+def train_and_save(trainer: Any, output_dir: Path, lora: LoraSection | None, started: float) -> TrainResult:
+    """Train (resuming from output_dir/checkpoints), save to output_dir/model and say what was done.
+
+    `started` is the `time.perf_counter()` reading the caller's run began at.
+    """
+    resumed = run_trainer(trainer, Path(output_dir) / "checkpoints")
+    model_dir = Path(output_dir) / "model"
+    merged = save_trained(trainer, model_dir, merge=bool(lora and lora.merge))
+    return TrainResult(
+        model_path=str(model_dir),
+        steps=trainer.state.global_step,
+        train_loss=logged_losses(trainer),
+        metrics=last_metrics(trainer),
+        lora=lora is not None,
+        merged=merged,
+        resumed_from=resumed,
+        elapsed=time.perf_counter() - started,
+    )

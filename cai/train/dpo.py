@@ -27,15 +27,10 @@ from cai.train.common import (
     LoraSection,
     TrainResult,
     TrainSection,
-    attach_console,
+    build_trainer,
     default_console,
-    last_metrics,
-    logged_losses,
     no_progress_bars,
-    peft_config,
-    quiet_logs,
-    run_trainer,
-    save_trained,
+    train_and_save,
     trainer_arguments,
 )
 
@@ -89,7 +84,6 @@ def train_dpo(
     console: Any = None,
 ) -> TrainResult:
     """Train the policy with DPO on `rows`; save to output_dir/model, resume from output_dir/checkpoints."""
-    from transformers import AutoTokenizer
     from trl import DPOConfig as TrlDPOConfig
     from trl import DPOTrainer
 
@@ -100,39 +94,19 @@ def train_dpo(
         raise ValueError("no preference rows to train DPO on")
     started = time.perf_counter()
     console = console or default_console()
-    checkpoints = Path(output_dir) / "checkpoints"
     model_path = resolve_model(config.model or base_model)
     args = TrlDPOConfig(
-        **trainer_arguments(config.train, checkpoints, seed),
+        **trainer_arguments(config.train, Path(output_dir) / "checkpoints", seed),
         max_length=config.train.max_length,
         beta=config.beta,
         loss_type=[config.loss_type],
     )
     with no_progress_bars():
-        with quiet_logs():
-            tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
-            trainer = DPOTrainer(
-                model=model_path,
-                args=args,
-                train_dataset=to_dataset(rows),
-                processing_class=tokenizer,
-                peft_config=peft_config(config.lora, "CAUSAL_LM") if config.lora else None,
-            )
-        attach_console(trainer, console, LOG_COLUMNS)
+        trainer = build_trainer(
+            DPOTrainer, model_path, args, config.lora, console, LOG_COLUMNS, train_dataset=to_dataset(rows)
+        )
         console.print(
             f"[bold]DPO[/] on {len(trainer.train_dataset)} pairs, beta {config.beta}, "
             f"{config.loss_type} loss, {'LoRA' if config.lora else 'full'}, {config.train.max_steps} steps"
         )
-        resumed = run_trainer(trainer, checkpoints)
-        model_dir = Path(output_dir) / "model"
-        merged = save_trained(trainer, model_dir, merge=bool(config.lora and config.lora.merge))
-    return TrainResult(
-        model_path=str(model_dir),
-        steps=trainer.state.global_step,
-        train_loss=logged_losses(trainer),
-        metrics=last_metrics(trainer),
-        lora=config.lora is not None,
-        merged=merged,
-        resumed_from=resumed,
-        elapsed=time.perf_counter() - started,
-    )
+        return train_and_save(trainer, output_dir, config.lora, started)

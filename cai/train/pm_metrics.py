@@ -15,8 +15,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from cai.backends.base import Chat
+from cai.models import quiet_loading
 from cai.records import PreferenceRow
-from cai.train.common import quiet_logs
 
 # --------------------------------------------------------------------------------------------
 # Metrics
@@ -159,7 +159,7 @@ class PreferenceScorer:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.max_length = max_length
-        with quiet_logs():
+        with quiet_loading():
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=False)
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 str(model_path), trust_remote_code=False, dtype=getattr(torch, dtype)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from cai.models import quiet_loading
 from cai.records import PreferenceRow
 from cai.sections import Section
 from cai.train.common import (
@@ -42,7 +43,6 @@ from cai.train.common import (
     logged_losses,
     no_progress_bars,
     peft_config,
-    quiet_logs,
     run_trainer,
     save_trained,
     trainer_arguments,
@@ -228,7 +228,7 @@ def build_pm_trainer(
         max_length=config.train.max_length,
     )
     collator_cls, trainer_cls = _trainer_classes()
-    with quiet_logs():
+    with quiet_loading():
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

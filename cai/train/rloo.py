@@ -26,15 +26,10 @@ from cai.train.common import (
     LoraSection,
     TrainResult,
     TrainSection,
-    attach_console,
+    build_trainer,
     default_console,
-    last_metrics,
-    logged_losses,
     no_progress_bars,
-    peft_config,
-    quiet_logs,
-    run_trainer,
-    save_trained,
+    train_and_save,
     trainer_arguments,
 )
 
@@ -107,7 +102,6 @@ def train_rloo(
     Re-running with the same `output_dir` resumes from output_dir/checkpoints.
     """
     from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import RLOOConfig as TrlRLOOConfig
     from trl import RLOOTrainer
 
@@ -118,42 +112,28 @@ def train_rloo(
         raise ValueError("no prompts to train RLOO on")
     started = time.perf_counter()
     console = console or default_console()
-    checkpoints = Path(output_dir) / "checkpoints"
     model_path = resolve_model(config.model or policy_model)
     args = TrlRLOOConfig(
-        **trainer_arguments(config.train, checkpoints, seed),
+        **trainer_arguments(config.train, Path(output_dir) / "checkpoints", seed),
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         beta=config.beta,
         temperature=config.temperature,
     )
     with no_progress_bars():
-        with quiet_logs():
-            tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
-            reward = PMReward(PreferenceScorer(reward_model_path, max_length=config.train.max_length))
-            trainer = RLOOTrainer(
-                model=model_path,
-                reward_funcs=reward,
-                args=args,
-                train_dataset=Dataset.from_list([{"prompt": list(p)} for p in prompts]),
-                processing_class=tokenizer,
-                peft_config=peft_config(config.lora, "CAUSAL_LM") if config.lora else None,
-            )
-        attach_console(trainer, console, LOG_COLUMNS)
+        reward = PMReward(PreferenceScorer(reward_model_path, max_length=config.train.max_length))
+        trainer = build_trainer(
+            RLOOTrainer,
+            model_path,
+            args,
+            config.lora,
+            console,
+            LOG_COLUMNS,
+            reward_funcs=reward,
+            train_dataset=Dataset.from_list([{"prompt": list(p)} for p in prompts]),
+        )
         console.print(
             f"[bold]RLOO[/] on {len(prompts)} prompts x {config.num_generations} answers, "
             f"beta {config.beta}, {'LoRA' if config.lora else 'full'}, {config.train.max_steps} steps"
         )
-        resumed = run_trainer(trainer, checkpoints)
-        model_dir = Path(output_dir) / "model"
-        merged = save_trained(trainer, model_dir, merge=bool(config.lora and config.lora.merge))
-    return TrainResult(
-        model_path=str(model_dir),
-        steps=trainer.state.global_step,
-        train_loss=logged_losses(trainer),
-        metrics=last_metrics(trainer),
-        lora=config.lora is not None,
-        merged=merged,
-        resumed_from=resumed,
-        elapsed=time.perf_counter() - started,
-    )
+        return train_and_save(trainer, output_dir, config.lora, started)

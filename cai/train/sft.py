@@ -27,15 +27,10 @@ from cai.train.common import (
     LoraSection,
     TrainResult,
     TrainSection,
-    attach_console,
+    build_trainer,
     default_console,
-    last_metrics,
-    logged_losses,
     no_progress_bars,
-    peft_config,
-    quiet_logs,
-    run_trainer,
-    save_trained,
+    train_and_save,
     trainer_arguments,
 )
 
@@ -106,7 +101,6 @@ def build_sft_trainer(
     Separate from `train_sft` so tests and notebooks can look at the prepared data and batches.
     """
     from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
@@ -128,16 +122,9 @@ def build_sft_trainer(
         max_length=config.train.max_length,
         completion_only_loss=config.completion_only_loss,
     )
-    with quiet_logs():
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
-        trainer = SFTTrainer(
-            model=model_path,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config(config.lora, "CAUSAL_LM") if config.lora else None,
-        )
-    attach_console(trainer, console or default_console(), LOG_COLUMNS)
+    trainer = build_trainer(
+        SFTTrainer, model_path, args, config.lora, console, LOG_COLUMNS, train_dataset=dataset
+    )
     return trainer, len(demos)
 
 
@@ -162,18 +149,5 @@ def train_sft(
             f"[bold]SFT[/] on {len(trainer.train_dataset)} conversations ({demos} helpful demonstrations), "
             f"{'LoRA' if config.lora else 'full fine-tune'}, {config.train.max_steps} steps"
         )
-        resumed = run_trainer(trainer, Path(output_dir) / "checkpoints")
-        model_dir = Path(output_dir) / "model"
-        merged = save_trained(trainer, model_dir, merge=bool(config.lora and config.lora.merge))
-    return SFTResult(
-        model_path=str(model_dir),
-        steps=trainer.state.global_step,
-        train_loss=logged_losses(trainer),
-        metrics=last_metrics(trainer),
-        lora=config.lora is not None,
-        merged=merged,
-        resumed_from=resumed,
-        elapsed=time.perf_counter() - started,
-        examples=len(examples) + demos,
-        helpful_demos=demos,
-    )
+        result = train_and_save(trainer, output_dir, config.lora, started)
+    return SFTResult(**result.model_dump(), examples=len(examples) + demos, helpful_demos=demos)
