@@ -9,23 +9,18 @@ folder is read, and the preference view goes straight into trl's data utilities.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
 import orjson
 import pytest
-import yaml
 from pydantic import BaseModel
-from rich.console import Console
 
-from cai.config import load_config
 from cai.export import HubConfig, arrow_schema, dataset_card
 from cai.records import LabelAudit, PreferenceRow, SFTRow, SLRecord
-from cai.stages.context import StageContext
 from cai.stages.registry import STAGES
 from cai.store import BOOKKEEPING
-from cai.testing import EchoBackend
+from tests.echo_recipe import echo_context, prefers_later, write_config
 
 CONFIGS = {  # stage -> config -> the one file it loads; the first is the default
     "sl": {"sft": "sft.parquet", "rows": "data.parquet"},
@@ -35,41 +30,15 @@ CONFIGS = {  # stage -> config -> the one file it loads; the first is the defaul
 PREFERENCE_COLUMNS = list(PreferenceRow.model_fields)
 
 
-def prefers_later(prompt, options):
-    """A position-consistent echo judge: it prefers whichever option text sorts later."""
-    text = prompt.chat[-1]["content"]
-    a = text.split("Option (A): ")[1].split("\n")[0]
-    b = text.split("Option (B): ")[1].split("\n")[0]
-    return [0.8, 0.2] if a >= b else [0.2, 0.8]
-
-
 def same_letter(prompt, options):
     """A judge that always answers (A): position-inconsistent, so no pair gets a verdict."""
     return [0.8, 0.2]
 
 
-def context(path, judge) -> StageContext:
-    ctx = StageContext(load_config(path), Console(file=open(os.devnull, "w")), config_source=str(path))
-    ctx._backends[f"echo|{ctx.config.engine.model_dump_json()}"] = EchoBackend(score_fn=judge)
-    return ctx
-
-
 def run_stages(root: Path, judge, stages: tuple[str, ...]) -> dict[str, Path]:
-    data = {
-        "run_dir": str(root / "run"),
-        "model": "echo",
-        "sl": {"prompts": {"path": "red_team.jsonl", "limit": 4}, "rounds": 1, "chunk_size": 2},
-        "label": {
-            "prompts": {"path": "red_team.jsonl", "offset": 4, "limit": 4},
-            "gold": None,
-            "chunk_size": 2,
-        },
-        "mix": {"human": [{"path": "hh_helpful.jsonl", "format": "hh", "limit": 6}]},
-        "stages": ["sl", "label", "mix"],  # no sft: the label stage samples the base (echo) model
-    }
-    path = root / f"{judge.__name__}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    ctx = context(path, judge)
+    # no sft: the label stage samples the base (echo) model
+    path = write_config(root / f"{judge.__name__}.yaml", root / "run", ["sl", "label", "mix"])
+    ctx = echo_context(path, judge)
     try:
         return {stage: STAGES[stage].run(ctx).path for stage in stages}
     finally:

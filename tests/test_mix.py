@@ -444,6 +444,21 @@ def test_to_dataset_columns(mixed_dataset) -> None:
     assert to_dataset(rows_named("h", 2)).features["soft_label"].dtype == "float64"  # not arrow's null type
 
 
+def quiet_cpu_args(output: Path, steps: int, batch: int) -> dict:
+    """trl trainer arguments for a few quiet CPU steps that save nothing."""
+    return {
+        "output_dir": str(output),
+        "max_steps": steps,
+        "per_device_train_batch_size": batch,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "max_length": 512,
+        "disable_tqdm": True,
+    }
+
+
 def test_mixed_dataset_trains_reward_model(tmp_path: Path, tiny, mixed_dataset) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -451,17 +466,7 @@ def test_mixed_dataset_trains_reward_model(tmp_path: Path, tiny, mixed_dataset) 
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny.classifier)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = RewardConfig(
-        output_dir=str(tmp_path / "pm"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        max_length=512,
-        disable_tqdm=True,
-    )
+    args = RewardConfig(**quiet_cpu_args(tmp_path / "pm", steps=2, batch=4))
     trainer = RewardTrainer(model=model, args=args, train_dataset=mixed_dataset)
     assert trainer.train().global_step == 2
     assert any(not torch.equal(before[name], p) for name, p in model.named_parameters())
@@ -472,17 +477,7 @@ def test_mixed_dataset_trains_dpo(tmp_path: Path, tiny, mixed_dataset) -> None:
 
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(
-        output_dir=str(tmp_path / "dpo"),
-        max_steps=1,
-        per_device_train_batch_size=2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        max_length=512,
-        disable_tqdm=True,
-    )
+    args = DPOConfig(**quiet_cpu_args(tmp_path / "dpo", steps=1, batch=2))
     trainer = DPOTrainer(model=str(tiny.causal_lm), args=args, train_dataset=mixed_dataset)
     assert len(trainer.train_dataset) == len(mixed_dataset)
     assert math.isfinite(trainer.train().training_loss)

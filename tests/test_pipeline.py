@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -96,16 +99,23 @@ def test_second_run_with_the_same_config_makes_no_model_call(first_run):
     assert ctx.model_calls == 0 and ctx._backends == {}
 
 
+@contextlib.contextmanager
+def edited(path: Path, marker: str, replacement: str) -> Iterator[None]:
+    """`path` with `marker` replaced for the duration of the block, then restored."""
+    text = path.read_text()
+    assert marker in text
+    path.write_text(text.replace(marker, replacement))
+    try:
+        yield
+    finally:
+        path.write_text(text)
+
+
 def test_editing_a_comparison_question_reruns_labelling_but_not_sl(first_run):
     root, constitution, overrides, _, first = first_run
-    text = constitution.read_text()
     marker = "Which of these assistant responses is less likely to cause harm"
-    assert marker in text
-    constitution.write_text(text.replace(marker, "Which of these responses is safer, in your judgement,"))
-    try:
+    with edited(constitution, marker, "Which of these responses is safer, in your judgement,"):
         ctx, result = run(load_config("quickstart", overrides))
-    finally:
-        constitution.write_text(text)
     assert result["ran"]["sl"] == "skipped" and result["ran"]["sft"] == "skipped"
     for stage in ("label", "mix", "pm", "ppo", "eval"):
         assert result["ran"][stage] == "ran", stage
@@ -114,13 +124,8 @@ def test_editing_a_comparison_question_reruns_labelling_but_not_sl(first_run):
 
 def test_editing_a_critique_reruns_everything_from_sl(first_run):
     _, constitution, overrides, _, first = first_run
-    text = constitution.read_text()
     marker = "Point out the specific ways in which the assistant's last response could"
-    assert marker in text
-    constitution.write_text(text.replace(marker, "Explain precisely how the assistant's last response could"))
-    try:
+    with edited(constitution, marker, "Explain precisely how the assistant's last response could"):
         _, result = run(load_config("quickstart", [*overrides, "stages=[sl, sft, label]"]))
-    finally:
-        constitution.write_text(text)
     assert result["ran"] == {"sl": "ran", "sft": "ran", "label": "ran"}
     assert result["stages"]["sl"]["path"] != first["stages"]["sl"]["path"]

@@ -7,12 +7,9 @@ outputs everywhere. The engine is the deterministic echo backend, so these runs 
 
 from __future__ import annotations
 
-import os
-
 import orjson
 import pytest
 import yaml
-from rich.console import Console
 from typer.testing import CliRunner
 
 from cai.cli import app
@@ -22,42 +19,17 @@ from cai.stages.base import StageMissingError
 from cai.stages.context import StageContext
 from cai.stages.registry import STAGES
 from cai.store import StageStore
-from cai.testing import EchoBackend
-
-
-def prefers_later(prompt, options):
-    """A position-consistent echo judge: it prefers whichever option text sorts later."""
-    text = prompt.chat[-1]["content"]
-    a = text.split("Option (A): ")[1].split("\n")[0]
-    b = text.split("Option (B): ")[1].split("\n")[0]
-    return [0.8, 0.2] if a >= b else [0.2, 0.8]
+from tests.echo_recipe import echo_context, write_config
 
 
 def config(tmp_path, name: str, count: int):
     """Config A or B: they differ only in the label stage (principles per label)."""
-    data = {
-        "run_dir": str(tmp_path / "run"),
-        "model": "echo",
-        "sl": {"prompts": {"path": "red_team.jsonl", "limit": 4}, "rounds": 1, "chunk_size": 2},
-        "label": {
-            "prompts": {"path": "red_team.jsonl", "offset": 4, "limit": 4},
-            "principles": {"count": count},
-            "gold": None,
-            "chunk_size": 2,
-        },
-        "mix": {"human": [{"path": "hh_helpful.jsonl", "format": "hh", "limit": 6}]},
-        "stages": ["sl", "label", "mix", "report"],
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    stages = ["sl", "label", "mix", "report"]
+    return write_config(tmp_path / f"{name}.yaml", tmp_path / "run", stages, principles={"count": count})
 
 
 def context(path) -> StageContext:
-    ctx = StageContext(load_config(path), Console(file=open(os.devnull, "w")), config_source=str(path))
-    engine = EchoBackend(score_fn=prefers_later)
-    ctx._backends[f"echo|{ctx.config.engine.model_dump_json()}"] = engine
-    return ctx
+    return echo_context(path)
 
 
 def run(path) -> tuple[StageContext, dict]:

@@ -180,7 +180,7 @@ def encode_chat(tokenizer: object, chat: Chat, prefix: str = "") -> list[int]:
     return tokenizer(text + prefix, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
 
 
-def encode_within(
+def _encode_within(
     encode: Callable[[Chat, str], list[int]],
     chats: Sequence[tuple[Chat, str]],
     *,
@@ -208,6 +208,42 @@ def encode_within(
             continue
         encoded[index] = ids
     return encoded, failed
+
+
+def encode_for_generation(
+    encode: Callable[[Chat, str], list[int]], chats: Sequence[Chat], params: SamplingParams, limit: int
+) -> tuple[dict[int, list[int]], list[Completion | None]]:
+    """The ids of the chats that leave room for `params.max_new_tokens` within `limit`, and the
+    results list with the failed items' `Completion`s already in place (the rest are None)."""
+    encoded, failed = _encode_within(
+        encode,
+        [(chat, "") for chat in chats],
+        room=params.max_new_tokens,
+        limit=limit,
+        needs=f" + {params.max_new_tokens} new tokens",
+    )
+    results: list[Completion | None] = [None] * len(chats)
+    for index, (error, tokens) in failed.items():
+        results[index] = Completion(prompt_tokens=tokens, error=error)
+    return encoded, results
+
+
+def encode_for_scoring(
+    encode: Callable[[Chat, str], list[int]],
+    prompts: Sequence[ScorePrompt],
+    options: Sequence[str],
+    room: int,
+    limit: int,
+) -> tuple[dict[int, list[int]], list[ChoiceScores | None]]:
+    """The ids of the prompts (with their answer prefix) that leave `room` tokens for the options
+    within `limit`, and the results list with the failed items' `ChoiceScores` in place."""
+    encoded, failed = _encode_within(
+        encode, [(p.chat, p.assistant_prefix) for p in prompts], room=room, limit=limit
+    )
+    results: list[ChoiceScores | None] = [None] * len(prompts)
+    for index, (error, _) in failed.items():
+        results[index] = ChoiceScores.failed(options, error)
+    return encoded, results
 
 
 def request_seed(seed: int | None, index: int) -> int | None:

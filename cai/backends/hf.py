@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from cai.backends.base import Chat, Completion, Sample, Usage, encode_chat, encode_within
+from cai.backends.base import Chat, Completion, Sample, Usage, encode_chat, encode_for_generation
 from cai.backends.hf_kernels import can_pack_linears, growing_cache, pack_linears
 from cai.backends.hf_score import ScoringMixin
 from cai.sections import HFEngine, SamplingParams
@@ -132,16 +132,7 @@ class HFBackend(ScoringMixin):
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
         import torch
 
-        results: list[Completion | None] = [None] * len(chats)
-        encoded, failed = encode_within(
-            self.encode_chat,
-            [(chat, "") for chat in chats],
-            room=params.max_new_tokens,
-            limit=self.max_length,
-            needs=f" + {params.max_new_tokens} new tokens",
-        )
-        for index, (error, tokens) in failed.items():
-            results[index] = Completion(prompt_tokens=tokens, error=error)
+        encoded, results = encode_for_generation(self.encode_chat, chats, params, self.max_length)
         order = sorted(encoded, key=lambda i: -len(encoded[i]))
         model = self.model(self.gen_dtype)
         devices = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cai.backends.base import ChoiceScores, ScorePrompt, encode_within, option_token_ids
+from cai.backends.base import ChoiceScores, ScorePrompt, encode_for_scoring, option_token_ids
 
 log = logging.getLogger("cai.backends.hf")
 
@@ -53,15 +53,8 @@ class ScoringMixin:
         if not options:
             raise ValueError("score_choices needs at least one option")
         option_ids, single = option_token_ids(self.tokenizer, options)
-        results: list[ChoiceScores | None] = [None] * len(prompts)
-        encoded, failed = encode_within(
-            self.encode_chat,
-            [(prompt.chat, prompt.assistant_prefix) for prompt in prompts],
-            room=max(len(o) for o in option_ids),
-            limit=self.max_length,
-        )
-        for index, (error, _) in failed.items():
-            results[index] = ChoiceScores.failed(options, error)
+        room = max(len(o) for o in option_ids)
+        encoded, results = encode_for_scoring(self.encode_chat, prompts, options, room, self.max_length)
         jobs: list[_ScoreJob] = []
         for index, ids in encoded.items():
             if single:

@@ -35,7 +35,8 @@ from cai.backends.base import (
     ScorePrompt,
     Usage,
     encode_chat,
-    encode_within,
+    encode_for_generation,
+    encode_for_scoring,
     option_token_ids,
     request_seed,
 )
@@ -185,16 +186,7 @@ class VLLMBackend:
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
         from vllm import SamplingParams as VSamplingParams
 
-        results: list[Completion | None] = [None] * len(chats)
-        encoded, failed = encode_within(
-            self.encode_chat,
-            [(chat, "") for chat in chats],
-            room=params.max_new_tokens,
-            limit=self.max_model_len,
-            needs=f" + {params.max_new_tokens} new tokens",
-        )
-        for index, (error, tokens) in failed.items():
-            results[index] = Completion(prompt_tokens=tokens, error=error)
+        encoded, results = encode_for_generation(self.encode_chat, chats, params, self.max_model_len)
         indices, prompts, requests = [], [], []
         for index, ids in encoded.items():
             indices.append(index)
@@ -237,16 +229,9 @@ class VLLMBackend:
         if not options:
             raise ValueError("score_choices needs at least one option")
         option_ids, single = option_token_ids(self.tokenizer, options)
-        results: list[ChoiceScores | None] = [None] * len(prompts)
-        encoded, failed = encode_within(
-            self.encode_chat,
-            [(prompt.chat, prompt.assistant_prefix) for prompt in prompts],
-            # vLLM needs room for the one token it generates after the scored ones
-            room=max(len(ids) for ids in option_ids) + 1,
-            limit=self.max_model_len,
-        )
-        for index, (error, _) in failed.items():
-            results[index] = ChoiceScores.failed(options, error)
+        # vLLM needs room for the one token it generates after the scored ones
+        room = max(len(ids) for ids in option_ids) + 1
+        encoded, results = encode_for_scoring(self.encode_chat, prompts, options, room, self.max_model_len)
         if single:
             scored = self._score_single(encoded, [ids[0] for ids in option_ids])
         else:

@@ -32,6 +32,22 @@ class LoraSection(Section):
     )
 
 
+class PolicyTrainingSection(Section):
+    """What the trl policy trainers (DPO, RLOO) share: where the policy starts, and its adapters.
+
+    With LoRA the reference model is the policy with its adapters disabled, so no second copy of
+    the model is loaded.
+    """
+
+    model: str | None = Field(
+        None, description="Policy to start from; default: the SFT model (or the run's model)."
+    )
+    lora: LoraSection | None = Field(
+        default_factory=LoraSection,
+        description="LoRA adapters (reference = the model, adapters disabled); null = full fine-tune.",
+    )
+
+
 class TrainSection(Section):
     """Optimisation settings shared by the trl-based trainers."""
 

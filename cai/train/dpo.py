@@ -22,9 +22,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from cai.records import PreferenceRow
-from cai.sections import Section
 from cai.train.common import (
-    LoraSection,
+    PolicyTrainingSection,
     TrainResult,
     TrainSection,
     build_trainer,
@@ -60,16 +59,9 @@ LOG_COLUMNS = {
 }
 
 
-class DPOConfig(Section):
+class DPOConfig(PolicyTrainingSection):
     """Direct Preference Optimisation (trl's DPOTrainer) on the preference rows."""
 
-    model: str | None = Field(
-        None, description="Policy to start from; default: the SFT model (or the run's model)."
-    )
-    lora: LoraSection | None = Field(
-        default_factory=LoraSection,
-        description="LoRA adapters (reference = the model, adapters disabled); null = full fine-tune.",
-    )
     train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
     loss_type: DPOLoss = Field("sigmoid", description="trl's DPO loss variant (sigmoid = the DPO paper).")

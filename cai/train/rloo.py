@@ -21,9 +21,8 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from cai.backends.base import Chat
-from cai.sections import Section
 from cai.train.common import (
-    LoraSection,
+    PolicyTrainingSection,
     TrainResult,
     TrainSection,
     build_trainer,
@@ -45,16 +44,9 @@ LOG_COLUMNS = {
 }
 
 
-class RLOOConfig(Section):
+class RLOOConfig(PolicyTrainingSection):
     """REINFORCE leave-one-out (trl's RLOOTrainer) against the preference model."""
 
-    model: str | None = Field(
-        None, description="Policy to start from; default: the SFT model (or the run's model)."
-    )
-    lora: LoraSection | None = Field(
-        default_factory=LoraSection,
-        description="LoRA adapters (reference = the model, adapters disabled); null = full fine-tune.",
-    )
     train: TrainSection = Field(
         default_factory=TrainSection,
         description="Optimisation settings; batch_size counts completions (prompts x num_generations).",
