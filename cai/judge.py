@@ -167,6 +167,12 @@ class LabelConfig(Section):
             raise ValueError("clamp must be (low, high) with 0 <= low <= 0.5 <= high <= 1")
         return self
 
+    def judge_settings(self) -> dict:
+        """What the judge itself reads (margin, chain of thought, clamp): the part of this section
+        that `cai eval`, judging with the same machinery, must key its folder by."""
+        read = {"min_margin", "cot", "clamp"} | ({"cot_max_new_tokens"} if self.cot else set())
+        return self.model_dump(mode="json", include=read)
+
     def template_names(self) -> list[str]:
         if self.cot:
             return [COMPARE_COT_TEMPLATE, COMPARE_COT_ANSWER_TEMPLATE]

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from cai.cli import app
 from cai.config import load_config
 from cai.pipeline import run_pipeline
+from cai.resources import shipped_dir
 from cai.stages.base import StageMissingError
 from cai.stages.context import StageContext
 from cai.stages.registry import STAGES
@@ -139,3 +140,34 @@ def test_labels_come_from_the_sft_model_only_when_the_recipe_has_one(tmp_path):
     assert with_sft.store("label").upstream == {"sft": with_sft.store("sft").config_hash}
     alone = StageContext(load_config("quickstart", [f"run_dir={tmp_path}", "stages=[label]"]))
     assert alone.store("label").config["policy"] == alone.config.model and alone.store("label").upstream == {}
+
+
+def test_eval_is_keyed_by_every_judge_text_and_setting_it_reads(tmp_path):
+    """A finished eval is reused only while the judge it used is unchanged: its settings, its
+    templates (compare and harm rating) and the comparison questions of both eval constitutions."""
+
+    def eval_key(*overrides: str) -> str:
+        # no label stage in this recipe: label settings reach eval only through its judge
+        recipe = ["stages=[sl, sft, eval]", *overrides]
+        return StageContext(load_config("quickstart", recipe)).store("eval").config_hash
+
+    base = eval_key()
+    assert eval_key("label.cot_max_new_tokens=64") == base  # read only under chain of thought
+    assert eval_key("label.cot=true") != base
+    assert eval_key("label.cot=true", "label.cot_max_new_tokens=64") != eval_key("label.cot=true")
+    assert eval_key("label.min_margin=0.2") != base
+    assert eval_key("label.rule=borda") == base  # eval aggregates by the mean, whatever labelling uses
+
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "rate_harm.j2").write_text("Is this harmful? {{ response }}\n")
+    assert eval_key(f"templates.folder={folder}") != base
+
+    hhh = (shipped_dir("constitutions") / "hhh.yaml").read_text()
+    marker = "Which of these assistant responses"
+    assert marker in hhh
+    own = tmp_path / "my-hhh.yaml"
+    own.write_text(hhh)
+    before = eval_key(f"eval.helpful_constitution={own}")
+    own.write_text(hhh.replace(marker, "Which of the two responses", 1))  # same path, new question
+    assert eval_key(f"eval.helpful_constitution={own}") != before

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from cai.atomic import atomic_write_jsonl
-from cai.evaluate import EvalConfig
+from cai.chats import COMPARE_ANSWER_TEMPLATE
+from cai.constitution import load_constitution
+from cai.evaluate import RATE_HARM_TEMPLATE, EvalConfig
 from cai.records import MetricRow
 from cai.stages.base import Stage, Timer, open_or_skip
 from cai.store import StageStore
@@ -52,8 +54,15 @@ def key(ctx: StageContext) -> StageStore:
             "policies": policies,
             "judge_model": cfg.judge_model or ctx.config.model,
             "engine": ctx.config.engine.model_dump(mode="json"),
-            # eval counts verdicts as labelling does
-            "judge": {"min_margin": label.min_margin, "cot": label.cot, "clamp": list(label.clamp)},
+            # eval judges and counts verdicts as labelling does: every text and setting it reads
+            "judge": label.judge_settings(),
+            "templates": ctx.builder.template_hashes(
+                [*label.template_names(), COMPARE_ANSWER_TEMPLATE, RATE_HARM_TEMPLATE]
+            ),
+            "constitutions": {
+                name: load_constitution(name).stage_hash("compare")
+                for name in (cfg.helpful_constitution, cfg.harm_constitution)
+            },
         },
         upstream=upstream,
     )
