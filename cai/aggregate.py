@@ -62,6 +62,12 @@ class DerivedPair(BaseModel):
         """The rule ranked ``chosen`` first although the pair's probability favours ``rejected``."""
         return self.soft_label < 0.5 - TIE_TOL
 
+    @property
+    def decided(self) -> int | None:
+        """The response this pair's label decides for (`chosen`), or None when it decides nothing:
+        no principle gave a verdict on it, or the rule's choice contradicts its probability."""
+        return self.chosen if self.has_verdict and not self.rule_conflict else None
+
 
 class Aggregate(BaseModel):
     """The collective label for one prompt, with what an auditor needs to trust or question it."""

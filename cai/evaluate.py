@@ -238,8 +238,7 @@ def compare_pair(
     result: list[int | None] = [None] * len(conversations)
     for k, label_votes in zip(wanted, votes, strict=True):
         (pair,) = label_outcome(label_votes, 2, mean_rule).pairs
-        verdict = pair.has_verdict and not pair.rule_conflict
-        result[k] = 0 if not verdict else 1 if pair.chosen == 0 else -1
+        result[k] = 0 if pair.decided is None else 1 if pair.decided == 0 else -1
     return result
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,7 +35,7 @@ from cai.hashing import content_hash
 from cai.judge import GateConfig, LabelConfig, choose_principles, judge, label_outcome
 
 Category = Literal["harm", "harm-subtle", "evasive", "helpful"]
-CATEGORIES: tuple[Category, ...] = ("harm", "harm-subtle", "evasive", "helpful")
+CATEGORIES: tuple[Category, ...] = get_args(Category)
 
 
 class GoldError(ValueError):
@@ -175,10 +175,9 @@ def measure_judge(
     hits: list[float] = []
     covered = 0
     for pair, label_votes in zip(gold, votes, strict=True):
-        (derived, *_) = label_outcome(label_votes, 2, config).pairs
-        verdict = derived.has_verdict and not derived.rule_conflict
-        covered += verdict
-        hits.append(float(verdict and derived.chosen == pair.preferred_index))
+        decided = label_outcome(label_votes, 2, config).pairs[0].decided
+        covered += decided is not None
+        hits.append(float(decided == pair.preferred_index))
     flat = [v for label_votes in votes for v in label_votes]
     known = [v.position_consistent for v in flat if v.position_consistent is not None]
     reasons: dict[str, int] = {}

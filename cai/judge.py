@@ -42,7 +42,7 @@ from cai.records import LabelAudit, OrderVote, PairVote, PreferenceRow, Training
 from cai.rules import PrincipleVote
 from cai.sections import EngineConfig, SamplingParams, Section
 from cai.sources import PromptSource
-from cai.verdict import DEFAULT_MIN_MARGIN, two_order_verdict
+from cai.verdict import DEFAULT_MIN_MARGIN, side, two_order_verdict
 
 
 class PrincipleSelection(Section):
@@ -203,9 +203,8 @@ class Comparison:
 
         first, second = p_i("ab"), p_i("ba")
         reading = two_order_verdict(first, second, min_margin)
-        consistent = None
-        if first is not None and second is not None and abs(first - 0.5) > 1e-9 and abs(second - 0.5) > 1e-9:
-            consistent = (first > 0.5) == (second > 0.5)
+        a, b = side(first), side(second)  # 0: abstained or no preference, so consistency is unknown
+        consistent = a == b if a and b else None
         return PairVote(
             principle_id=self.principle.id,
             weight=self.principle.weight if weighted else 1.0,

@@ -82,12 +82,3 @@ def two_order_verdict(p_first: float | None, p_second: float | None, min_margin:
     if abs(p - 0.5) < min_margin - TIE_TOL:
         return Reading(p, 0, "below-margin")
     return Reading(p, first, None)
-
-
-def single_verdict(p: float | None, min_margin: float) -> Reading:
-    """A reading with no presentation order (a judge that scores each response on its own)."""
-    if p is None:
-        return Reading(None, 0, "abstained")
-    if abs(p - 0.5) < min_margin - TIE_TOL or side(p) == 0:
-        return Reading(p, 0, "below-margin")
-    return Reading(p, side(p), None)

@@ -15,7 +15,7 @@ on re-running a judge.
   one typed summary that the terminal (`terminal`) and the HTML report (`cai.report`) render.
 """
 
-from cai.audit.rows import AUDIT_FILE, LABEL_STAGE, PREFERENCES_FILE, audit_file, load_audit, load_gate
+from cai.audit.rows import AUDIT_FILE, LABEL_STAGE, audit_file, load_audit, load_gate
 from cai.audit.summary import (
     AuditSummary,
     ContestedPair,
@@ -42,7 +42,6 @@ from cai.audit.views import LabelView, PairView, VoteView, filter_labels, label_
 __all__ = [
     "AUDIT_FILE",
     "LABEL_STAGE",
-    "PREFERENCES_FILE",
     "AuditSummary",
     "ContestedPair",
     "JudgeQuality",

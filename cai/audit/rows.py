@@ -23,9 +23,6 @@ LABEL_STAGE = "label"
 AUDIT_FILE = "audit.jsonl"
 """One `LabelAudit` per line, written by the label stage next to its preference rows."""
 
-PREFERENCES_FILE = "preferences.jsonl"
-"""The label stage's `PreferenceRow`s; they join the audit rows through ``label_id``."""
-
 
 def audit_file(path: Path) -> Path:
     """Resolve a JSONL file, a label stage folder or a run directory to the audit rows file.
@@ -35,8 +32,6 @@ def audit_file(path: Path) -> Path:
     to it; with several, to the one its `manifest.json` (written by `cai run`) names, and
     otherwise it is an error listing them (pass the folder, or `cai audit -c CONFIG`).
     """
-    import orjson
-
     path = Path(path)
     if path.is_file():
         return path

@@ -27,10 +27,6 @@ if TYPE_CHECKING:
     from cai.gate import JudgeCheck
 
 
-def _yes_no(value: bool | None) -> str:
-    return "–" if value is None else "yes" if value else "NO"
-
-
 def _verdict_cell(vote: VoteView) -> str:
     if vote.verdict is not None:
         return f"for {vote.verdict}"

@@ -30,13 +30,6 @@ def _order_p_i(vote: OrderVote) -> float | None:
     return vote.probs[0] if vote.order == "ab" else vote.probs[1]
 
 
-def _p_for(vote: PairVote, chosen: int, rejected: int) -> float | None:
-    """P(chosen better) from a vote that may have been recorded in either direction."""
-    if vote.p_i_better is None:
-        return None
-    return vote.p_i_better if (vote.i, vote.j) == (chosen, rejected) else 1.0 - vote.p_i_better
-
-
 def _verdict_side(vote: PairVote | None, chosen: int) -> int:
     """+1 when the vote's verdict is for `chosen`, -1 against it, 0 without a verdict."""
     if vote is None or vote.verdict is None:

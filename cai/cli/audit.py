@@ -73,7 +73,8 @@ def audit(
             fail(f"no label {label!r} (label ids look like {rows[0].label_id!r})" if rows else "no labels")
         print_label(console, label_view(matches[0]))
         return
-    print_summary(console, summarize(selected, gate, failures), cons)
+    summary = summarize(selected, gate, failures)
+    print_summary(console, summary, cons)
     for row in selected[:limit] if (principle or tag or contested is not None) else []:
         print_label(console, label_view(row))
     if html is not None:
@@ -81,7 +82,7 @@ def audit(
 
         write_report(
             html,
-            audit=summarize(selected, gate, failures),
+            audit=summary,
             ppo_history=None,
             eval_rows=None,
             pm_metrics=None,

@@ -195,7 +195,7 @@ def split_by_prompt(
 
 
 def _pm_dataset(rows: list[PreferenceRow]) -> Any:
-    """cai.mix's trl dataset plus what our loss and sampler read: p (1 for hard labels), group."""
+    """cai.preferences' trl dataset plus what our loss and sampler read: p (1 for hard labels), group."""
     from cai.preferences import to_dataset
 
     dataset = to_dataset(rows)
