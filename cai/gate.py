@@ -78,6 +78,11 @@ def resolve_gold(source: str) -> Path:
         ) from None
 
 
+def gold_hash(gold: Sequence[GoldPair]) -> str:
+    """The content of a gold set: a gate measured on other pairs is measured again."""
+    return content_hash([g.model_dump() for g in gold])
+
+
 def load_gold(source: str | Path) -> list[GoldPair]:
     """Read gold pairs (JSON Lines); every bad line is an error naming the file, line and field."""
     path = resolve_gold(str(source))
@@ -192,7 +197,7 @@ def measure_judge(
     usage = backend.usage.minus(before)
     return JudgeCheck(
         gold=gold_name,
-        gold_hash=content_hash([g.model_dump() for g in gold]),
+        gold_hash=gold_hash(gold),
         judge_model=backend.model_id,
         n=len(gold),
         agreement=sum(hits) / len(hits),

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel
 
@@ -25,6 +25,9 @@ from cai.store import StageStore
 
 if TYPE_CHECKING:
     from cai.stages.context import StageContext
+
+
+T = TypeVar("T")
 
 
 class StageMissingError(RuntimeError):
@@ -75,6 +78,24 @@ def open_or_skip(ctx: StageContext, name: str, fresh: bool) -> tuple[StageStore,
         highlight=False,
     )
     return store, True
+
+
+def pending_chunks(
+    ctx: StageContext, store: StageStore, rows: Sequence[T], row_id: Callable[[T], str], size: int, what: str
+) -> list[tuple[int, list[T]]]:
+    """The chunks of `rows` (numbered as in a fresh run) still to do in this open store.
+
+    Chunk numbers never change on resume, so per-chunk seeds and keys stay those of a run that
+    was never interrupted; rows already committed are left out and a resume says what it found.
+    """
+    if store.repair:
+        ctx.console.print(f"[yellow]resuming {store.stage}: {store.repair}[/]")
+    done = store.committed()
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    todo = [(n, [r for r in chunk if row_id(r) not in done]) for n, chunk in enumerate(chunks)]
+    if done:
+        ctx.console.print(f"resuming {store.stage}: {len(done)} of {len(rows)} {what} already committed")
+    return [(n, chunk) for n, chunk in todo if chunk]
 
 
 def is_main_process() -> bool:

@@ -27,6 +27,7 @@ from cai.gate import (
     JudgeGateError,
     gate_failures,
     gate_result,
+    gold_hash,
     load_gold,
     measure_judge,
     print_check,
@@ -35,10 +36,11 @@ from cai.gate import (
 from cai.judge import LabelConfig, LabelMeta, build_label, choose_principles, judge, weighting
 from cai.records import LabelAudit, LabelResult, PreferenceRow
 from cai.sources import load_prompts
-from cai.stages.base import Stage, Timer, open_or_skip, usage_since
+from cai.stages.base import Stage, Timer, open_or_skip, pending_chunks, usage_since
 from cai.store import StageStore
 
 if TYPE_CHECKING:
+    from cai.audit.summary import JudgeQuality
     from cai.stages.context import StageContext
 
 NAME = "label"
@@ -80,13 +82,8 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
             atomic_write_json(store.path / GATE_FILE, gate)
             store.add_elapsed(gate.seconds)
             store.commit([], usage=gate_usage)
-        done = store.committed()
         rows = [(f"{item.key}:{item.index}", item) for item in items]
-        chunks = [rows[i : i + cfg.chunk_size] for i in range(0, len(rows), cfg.chunk_size)]
-        todo = [(n, [r for r in chunk if r[0] not in done]) for n, chunk in enumerate(chunks)]
-        todo = [(n, chunk) for n, chunk in todo if chunk]
-        if done:
-            ctx.console.print(f"resuming {NAME}: {len(done)} of {len(rows)} labels already committed")
+        todo = pending_chunks(ctx, store, rows, lambda row: row[0], cfg.chunk_size, "labels")
         meta = LabelMeta(
             judge_model_id=judge_model,
             policy_model_id=policy,
@@ -113,7 +110,10 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
         results = sorted(store.rows(LabelResult), key=lambda r: _order_key(r.row_id))
         audits = [r.audit for r in results if r.audit is not None]
         preferences = [p for r in results for p in r.preferences]
-        summary = label_summary(audits, preferences, gate, cfg.gate)
+        from cai.audit import judge_quality
+
+        quality = judge_quality(audits)
+        summary = label_summary(quality, preferences, gate, cfg.gate)
         summary.update(failed_labels=sum(1 for r in results if r.error), seconds=round(timer.seconds, 1))
         outputs = {
             "audit.jsonl": lambda path: atomic_write_jsonl(path, audits),
@@ -125,9 +125,9 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
         if gate is not None:
             outputs[GATE_FILE] = lambda path: atomic_write_json(path, gate)
         store.finalize(outputs=outputs, order=lambda row: _order_key(row["row_id"]), summary=summary)
-    from cai.audit import judge_quality, print_quality
+    from cai.audit import print_quality
 
-    print_quality(ctx.console, judge_quality(audits), gate, gate_failures(gate, cfg.gate) if gate else [])
+    print_quality(ctx.console, quality, gate, gate_failures(gate, cfg.gate) if gate else [])
     ctx.console.print(
         f"[green]✓[/] {NAME}: {len(audits)} labels, {summary['labels_with_verdict']} with a verdict, "
         f"{len(preferences)} preference rows -> {store.path}",
@@ -179,22 +179,17 @@ def run_gate(
 
 def _earlier_check(store: StageStore, gold) -> JudgeCheck | None:
     """The gate measured by an earlier attempt of this stage on the same gold pairs."""
-    from cai.hashing import content_hash
-
     file = store.path / GATE_FILE
     if not file.is_file():
         return None
     check = JudgeCheck.model_validate_json(file.read_bytes())
-    return check if check.gold_hash == content_hash([g.model_dump() for g in gold]) else None
+    return check if check.gold_hash == gold_hash(gold) else None
 
 
 def label_summary(
-    audits: list[LabelAudit], preferences: list[PreferenceRow], gate: JudgeCheck | None, gate_config
+    quality: JudgeQuality, preferences: list[PreferenceRow], gate: JudgeCheck | None, gate_config
 ) -> dict:
     """The manifest summary: judge quality, verdict counts, rows, and the gate's figures."""
-    from cai.audit import judge_quality
-
-    quality = judge_quality(audits)
     summary = quality.model_dump(exclude={"soft_labels", "soft_label_histogram"})
     summary["preference_rows"] = len(preferences)
     if gate is not None:

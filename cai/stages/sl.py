@@ -18,7 +18,7 @@ from cai.critique import SLConfig, SLMeta, make_jobs, run_chunk
 from cai.export import HubConfig, dataset_card, write_card, write_parquet
 from cai.records import SFTRow, SLRecord
 from cai.sources import load_prompts
-from cai.stages.base import Stage, Timer, open_or_skip, usage_since
+from cai.stages.base import Stage, Timer, open_or_skip, pending_chunks, usage_since
 from cai.store import StageStore
 
 if TYPE_CHECKING:
@@ -53,14 +53,7 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
     model = cfg.model or ctx.config.model
     jobs = make_jobs(load_prompts(cfg.prompts), cfg.samples_per_prompt)  # bad input fails before any write
     with store:
-        if store.repair:
-            ctx.console.print(f"[yellow]resuming {NAME}: {store.repair}[/]")
-        done = store.committed()
-        chunks = [jobs[i : i + cfg.chunk_size] for i in range(0, len(jobs), cfg.chunk_size)]
-        todo = [(n, [j for j in chunk if j.row_id not in done]) for n, chunk in enumerate(chunks)]
-        todo = [(n, chunk) for n, chunk in todo if chunk]
-        if done:
-            ctx.console.print(f"resuming {NAME}: {len(done)} of {len(jobs)} rows already committed")
+        todo = pending_chunks(ctx, store, jobs, lambda job: job.row_id, cfg.chunk_size, "rows")
         if todo:
             backend = ctx.backend(model)
             meta = SLMeta(
