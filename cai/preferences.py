@@ -354,24 +354,13 @@ def load_trl_preferences(
 
 
 def _features() -> datasets.Features:
-    """Fixed column types: an all-None column (no AI rows) must not become arrow's null type."""
-    from datasets import Features, List, Value
+    """Fixed column types, those of the Parquet files (`cai.export.arrow_schema`): an all-None
+    column (no AI rows) must not become arrow's null type."""
+    from datasets import Features
 
-    chat = List({"role": Value("string"), "content": Value("string")})
-    return Features(
-        {
-            "prompt": chat,
-            "chosen": chat,
-            "rejected": chat,
-            "source": Value("string"),
-            "label_id": Value("string"),
-            "soft_label": Value("float64"),
-            "margin": Value("float64"),
-            "weight": Value("float64"),
-            "contested": Value("bool"),
-            "verdict": Value("bool"),
-        }
-    )
+    from cai.export import arrow_schema
+
+    return Features.from_arrow_schema(arrow_schema(PreferenceRow))
 
 
 def to_dataset(rows: list[PreferenceRow]) -> datasets.Dataset:
