@@ -65,17 +65,9 @@ class GoldPair(BaseModel):
 
 def resolve_gold(source: str) -> Path:
     """A path, or the name of a gold file shipped in cai/data."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    from cai.resources import data_path
+    from cai.resources import resolve_data
 
-    try:
-        return data_path(source)
-    except FileNotFoundError as exc:
-        raise GoldError(
-            f"gold file {source!r} is neither an existing path nor a shipped file ({exc})"
-        ) from None
+    return resolve_data(source, "gold file", GoldError)
 
 
 def gold_hash(gold: Sequence[GoldPair]) -> str:
@@ -86,6 +78,8 @@ def gold_hash(gold: Sequence[GoldPair]) -> str:
 def load_gold(source: str | Path) -> list[GoldPair]:
     """Read gold pairs (JSON Lines); every bad line is an error naming the file, line and field."""
     path = resolve_gold(str(source))
+    if not path.is_file():
+        raise GoldError(f"{path}: not a file (label.gold takes a JSON Lines file of gold pairs)")
     pairs: list[GoldPair] = []
     seen: set[str] = set()
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):

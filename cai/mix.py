@@ -48,17 +48,9 @@ class PreferenceSource(Section):
 
     def resolved_path(self) -> Path:
         """A real path wins, so a user's own file is never shadowed by a shipped one."""
-        path = Path(self.path).expanduser()
-        if path.exists():
-            return path
-        from cai.resources import data_path
+        from cai.resources import resolve_data
 
-        try:
-            return data_path(self.path)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(
-                f"{self.path!r} is neither an existing path nor a shipped file ({err})"
-            ) from None
+        return resolve_data(self.path, "preference source", FileNotFoundError)
 
 
 def load_preferences(spec: PreferenceSource) -> tuple[list[PreferenceRow], LoadReport]:

@@ -35,6 +35,24 @@ def data_path(name: str) -> Path:
     return path
 
 
+def resolve_data(value: str, what: str, error: type[Exception], suffixes: tuple[str, ...] = ()) -> Path:
+    """A user's path, or the name of a file shipped in cai/data (also with one of `suffixes`).
+
+    A real path always wins, so a user's own file is never shadowed by a shipped one; otherwise
+    `error` names `what` was asked for and lists the shipped files.
+    """
+    path = Path(value).expanduser()
+    if path.exists():
+        return path
+    problem: FileNotFoundError | None = None
+    for name in (value, *(value + suffix for suffix in suffixes)):
+        try:
+            return data_path(name)
+        except FileNotFoundError as exc:
+            problem = exc
+    raise error(f"{what} {value!r} is neither an existing path nor a shipped file ({problem})") from None
+
+
 def resolve_shipped(value: str | Path, kind: ShippedKind, suffixes: tuple[str, ...]) -> Path:
     """Resolve a user-given path, or the bare name of a shipped file (`harmless` -> harmless.yaml).
 

@@ -77,19 +77,9 @@ class PromptSourceError(ValueError):
 
 def resolve(path: str) -> Path:
     """A real path, or a file shipped in cai/data (`red_team`, `red_team.jsonl`)."""
-    from cai.resources import data_path
+    from cai.resources import resolve_data
 
-    candidate = Path(path).expanduser()
-    if candidate.exists():
-        return candidate
-    for name in (path, f"{path}.jsonl"):
-        try:
-            return data_path(name)
-        except FileNotFoundError as exc:
-            problem = exc
-    raise PromptSourceError(
-        f"prompt source {path!r} is neither a path nor a shipped file ({problem})"
-    ) from None
+    return resolve_data(path, "prompt source", PromptSourceError, suffixes=(".jsonl",))
 
 
 def _text(path: Path) -> str:

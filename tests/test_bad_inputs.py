@@ -278,7 +278,7 @@ def test_a_missing_prompt_file_names_itself(run, tmp_path):
     assert (
         result.exit_code == 1
         and "none.jsonl" in said(result)
-        and "neither a path nor a shipped file" in said(result)
+        and "neither an existing path nor a shipped file" in said(result)
     )
 
 

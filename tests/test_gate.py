@@ -124,6 +124,9 @@ def test_bad_gold_lines_name_the_file_line_and_field(tmp_path, line, message):
 def test_gold_file_errors(tmp_path):
     with pytest.raises(GoldError, match="neither an existing path nor a shipped file"):
         load_gold(tmp_path / "missing.jsonl")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(GoldError, match="folder: not a file"):
+        load_gold(tmp_path / "folder")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(GoldError, match="no gold pairs"):
         load_gold(tmp_path / "empty.jsonl")
