@@ -45,6 +45,10 @@ from cai.sources import PromptSource
 from cai.verdict import DEFAULT_MIN_MARGIN, side, two_order_verdict
 
 
+JudgeMode = Literal["choice", "likelihood", "classifier"]
+"""The three ways a judge can read a pair (README "Judges": when to use which, and the cost)."""
+
+
 class PrincipleSelection(Section):
     """Which principles judge each label."""
 
@@ -109,6 +113,13 @@ class LabelConfig(Section):
     prompts: PromptSource = Field(
         default_factory=lambda: PromptSource(path="red_team.jsonl"), description="Prompts to label."
     )
+    judge: JudgeMode = Field(
+        "choice",
+        description="How the judge reads a pair: 'choice' (the paper's multiple-choice question, both "
+        "orders; add cot: true for chain of thought), 'likelihood' (each response's log-likelihood under "
+        "a principle-following vs a principle-violating assistant; no option order) or 'classifier' (a "
+        "sequence-classification model scores each response).",
+    )
     policy: str | None = Field(
         None,
         description="Model that samples the responses; default: this run's SFT model, else the run's model.",
@@ -170,7 +181,7 @@ class LabelConfig(Section):
     def judge_settings(self) -> dict:
         """What the judge itself reads (margin, chain of thought, clamp): the part of this section
         that `cai eval`, judging with the same machinery, must key its folder by."""
-        read = {"min_margin", "cot", "clamp"} | ({"cot_max_new_tokens"} if self.cot else set())
+        read = {"judge", "min_margin", "cot", "clamp"} | ({"cot_max_new_tokens"} if self.cot else set())
         return self.model_dump(mode="json", include=read)
 
     def template_names(self) -> list[str]:
