@@ -76,6 +76,14 @@ class Principle(_Strict):
     critique: Text | None = Field(None, description="Critique request (SL stage).")
     revision: Text | None = Field(None, description="Revision request (SL stage).")
     compare: Text | None = Field(None, description="Multiple-choice comparison question (RL stage).")
+    follows: Text | None = Field(
+        None,
+        description="Likelihood judge: describes an assistant that follows this principle (a system turn). "
+        "Written together with `violates`; without both, they are derived from `compare`.",
+    )
+    violates: Text | None = Field(
+        None, description="Likelihood judge: describes an assistant that violates this principle."
+    )
     tags: list[Slug] = Field(default_factory=list, description="Labels used to filter principles.")
     weight: float = Field(
         1.0, gt=0, allow_inf_nan=False, description="Sampling weight and vote weight in ensembles."
@@ -88,6 +96,12 @@ class Principle(_Strict):
     def _has_a_stage(self) -> Principle:
         if self.critique is None and self.revision is None and self.compare is None:
             raise ValueError("a principle needs at least one of critique, revision, compare")
+        if (self.follows is None) != (self.violates is None):
+            raise ValueError(
+                "follows and violates come together: write both, or neither (then they are derived)"
+            )
+        if self.follows is not None and self.compare is None:
+            raise ValueError("follows/violates need a compare question too: the judge picks principles by it")
         return self
 
 

@@ -38,12 +38,12 @@ from cai.chats import (
 )
 from cai.constitution import Constitution, Principle, sample_principles
 from cai.hashing import derive_seed
+from cai.likelihood import CONDITION_TEMPLATE, LikelihoodConfig, likelihood_judge
 from cai.records import LabelAudit, OrderVote, PairVote, PreferenceRow, TrainingUse
 from cai.rules import PrincipleVote
 from cai.sections import EngineConfig, SamplingParams, Section
 from cai.sources import PromptSource
 from cai.verdict import DEFAULT_MIN_MARGIN, side, two_order_verdict
-
 
 JudgeMode = Literal["choice", "likelihood", "classifier"]
 """The three ways a judge can read a pair (README "Judges": when to use which, and the cost)."""
@@ -130,6 +130,9 @@ class LabelConfig(Section):
     judge_engine: EngineConfig | None = Field(
         None, description="Engine for the judge; default: the run's engine."
     )
+    likelihood: LikelihoodConfig = Field(
+        default_factory=LikelihoodConfig, description="The likelihood judge (label.judge: likelihood)."
+    )
     principles: PrincipleSelection = Field(default_factory=PrincipleSelection)
     rule: str = Field(
         "mean", description="Aggregation rule: mean, majority, borda, copeland, kemeny, ranked_pairs."
@@ -181,10 +184,14 @@ class LabelConfig(Section):
     def judge_settings(self) -> dict:
         """What the judge itself reads (margin, chain of thought, clamp): the part of this section
         that `cai eval`, judging with the same machinery, must key its folder by."""
+        if self.judge == "likelihood":
+            return self.model_dump(mode="json", include={"judge", "min_margin", "likelihood"})
         read = {"judge", "min_margin", "cot", "clamp"} | ({"cot_max_new_tokens"} if self.cot else set())
         return self.model_dump(mode="json", include=read)
 
     def template_names(self) -> list[str]:
+        if self.judge == "likelihood":
+            return [CONDITION_TEMPLATE]
         if self.cot:
             return [COMPARE_COT_TEMPLATE, COMPARE_COT_ANSWER_TEMPLATE]
         return [COMPARE_TEMPLATE, COMPARE_ANSWER_TEMPLATE]
@@ -263,6 +270,17 @@ def judge(
     only) and one `score_choices` call serve the whole batch of labels. `weighted` False gives
     every vote weight 1 (the weights were already applied when the principles were drawn).
     """
+    if config.judge == "likelihood":
+        return likelihood_judge(
+            backend,
+            builder.templates,
+            conversations,
+            responses,
+            principles,
+            config.likelihood,
+            config.min_margin,
+            weighted,
+        )
     comparisons: list[Comparison] = []
     for label, (candidates, chosen) in enumerate(zip(responses, principles, strict=True)):
         for i, j in itertools.combinations(range(len(candidates)), 2):
@@ -434,6 +452,7 @@ def build_label(
         weighting=meta.weighting,
         judge_model_id=meta.judge_model_id,
         policy_model_id=meta.policy_model_id,
+        judge=config.judge,
         cot=config.cot,
         template_hashes=meta.template_hashes,
         constitution=meta.constitution,

@@ -102,6 +102,23 @@ class OrderVote(Row):
     error: str | None = None
 
 
+class ResponseLikelihood(Row):
+    """One response read by the likelihood judge under one principle (`cai.likelihood`)."""
+
+    response: int = Field(description="Index of the response among the label's K.")
+    follows: float | None = Field(
+        description="Log-likelihood of the response as the turn of an assistant that follows the principle."
+    )
+    violates: float | None = Field(
+        description="Log-likelihood of the response as the turn of an assistant that violates the principle."
+    )
+    tokens: int = Field(description="Response tokens scored (0 for an empty response).")
+    score: float | None = Field(
+        description="follows - violates (per token under normalize: mean); None when scoring failed."
+    )
+    error: str | None = None
+
+
 class PairVote(Row):
     """One principle's judgement of one pair (i, j) of responses, both orders combined."""
 
@@ -119,6 +136,10 @@ class PairVote(Row):
         "combined probability is at least min_margin from 0.5. None: no verdict."
     )
     no_verdict: NoVerdict | None = Field(description="Why there is no verdict (None when there is one).")
+    likelihood: list[ResponseLikelihood] | None = Field(
+        None,
+        description="Likelihood judge: responses i and j under this principle (no option orders then).",
+    )
 
 
 TrainingUse = Literal["row", "no-verdict", "abstained", "rule-conflict", "contested", "identical"]
@@ -149,6 +170,7 @@ class LabelAudit(Row):
     )
     judge_model_id: str
     policy_model_id: str
+    judge: str = Field("choice", description="The judge mode: choice, likelihood or classifier.")
     cot: bool
     template_hashes: dict[str, str]
     constitution: str

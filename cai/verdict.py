@@ -82,3 +82,13 @@ def two_order_verdict(p_first: float | None, p_second: float | None, min_margin:
     if abs(p - 0.5) < min_margin - TIE_TOL:
         return Reading(p, 0, "below-margin")
     return Reading(p, first, None)
+
+
+def one_reading_verdict(p: float | None, min_margin: float) -> Reading:
+    """A judge with no presentation order (likelihood, classifier) reads a pair once: a verdict
+    needs only the distance from 0.5; an exact tie is below the margin, never a position flip."""
+    if p is None:
+        return Reading(None, 0, "abstained")
+    if abs(p - 0.5) < min_margin - TIE_TOL or side(p) == 0:
+        return Reading(p, 0, "below-margin")
+    return Reading(p, side(p), None)

@@ -113,6 +113,68 @@ class ChoiceScores(BaseModel):
         return cls(options=list(options), error=error)
 
 
+class ContinuationPrompt(BaseModel):
+    """A chat whose next assistant turn is `continuation`, to be scored token by token.
+
+    The backend applies the chat template with a generation prompt and scores the continuation's
+    own tokens (tokenized alone, without special tokens), the way the likelihood judge reads a
+    response as what an assistant would say (`cai.likelihood`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chat: Chat
+    continuation: str
+
+
+class ContinuationScore(BaseModel):
+    """Sum of the continuation's token log-probabilities; an empty continuation scores 0 over 0 tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    logprob: float = 0.0
+    tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def encode_continuations(
+    encode: Callable[[Chat, str], list[int]],
+    tokenizer: object,
+    prompts: Sequence[ContinuationPrompt],
+    limit: int,
+    room: int = 0,
+) -> tuple[dict[int, tuple[list[int], list[int]]], list[ContinuationScore | None]]:
+    """(prompt ids, continuation ids) of each item that fits within `limit` (+ `room`), and the
+    results list with failed items and empty continuations already in place (the rest None)."""
+    results: list[ContinuationScore | None] = [None] * len(prompts)
+    encoded: dict[int, tuple[list[int], list[int]]] = {}
+    for index, item in enumerate(prompts):
+        try:
+            prompt = encode(item.chat, "")
+        except Exception as exc:  # noqa: BLE001 - a malformed chat fails only its own item
+            results[index] = ContinuationScore(error=f"chat template failed: {exc}")
+            continue
+        tail = (
+            tokenizer(item.continuation, add_special_tokens=False)["input_ids"] if item.continuation else []
+        )  # type: ignore[operator]
+        if not tail:  # nothing to score: an empty answer is recorded as such, never a crash
+            results[index] = ContinuationScore(prompt_tokens=len(prompt))
+        elif len(prompt) + len(tail) + room > limit:
+            message = (
+                f"prompt of {len(prompt)} tokens + response of {len(tail)} exceeds the maximum length {limit}"
+            )
+            results[index] = ContinuationScore(prompt_tokens=len(prompt), error=message)
+        else:
+            encoded[index] = (prompt, tail)
+    return encoded, results
+
+
 def normalise(logprobs: Sequence[float]) -> list[float]:
     """Softmax over the options' log-probabilities (stable); the soft label of the CAI paper."""
     finite = [x for x in logprobs if math.isfinite(x)]

@@ -13,7 +13,15 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cai.backends.base import ChoiceScores, ScorePrompt, encode_for_scoring, option_token_ids
+from cai.backends.base import (
+    ChoiceScores,
+    ContinuationPrompt,
+    ContinuationScore,
+    ScorePrompt,
+    encode_continuations,
+    encode_for_scoring,
+    option_token_ids,
+)
 
 log = logging.getLogger("cai.backends.hf")
 
@@ -94,6 +102,57 @@ class ScoringMixin:
         for scores in results:
             assert scores is not None
             self.usage.failed_items += not scores.ok
+        return results  # type: ignore[return-value]
+
+    def score_continuations(self, prompts: Sequence[ContinuationPrompt]) -> list[ContinuationScore]:
+        """Each continuation's summed log-prob; items with the same prompt share one prefix pass.
+
+        The likelihood judge asks for the K responses of a label after the same conditioned
+        conversation, so grouping on the exact prompt computes that prompt once and packs the
+        responses behind it: the computed tokens are the floor plus one token per extra response.
+        """
+        import torch
+
+        encoded, results = encode_continuations(self.encode_chat, self.tokenizer, prompts, self.max_length)
+        by_prompt: dict[tuple[int, ...], list[_ScoreJob]] = {}
+        for index, (prompt, tail) in encoded.items():
+            by_prompt.setdefault(tuple(prompt), []).append(_ScoreJob(index, 0, prompt + tail, len(tail)))
+        shared = [g for p, g in by_prompt.items() if len(g) > 1 and len(p) > MIN_SHARED_PREFIX]
+        alone = sorted(
+            (j for g in by_prompt.values() if g not in shared for j in g), key=lambda j: len(j.tokens)
+        )
+        size = self.config.score_batch_size
+        batches = [
+            (g[i : i + size], len(g[0].tokens) - g[0].option_len - 1)
+            for g in shared
+            for i in range(0, len(g), size)
+        ]
+        batches += [(alone[i : i + size], 0) for i in range(0, len(alone), size)]
+        model = self.model(self.score_dtype)
+        with torch.inference_mode():
+            for group, prefix in batches:
+                if len(group) == 1:
+                    prefix = 0
+                self.usage.scored_tokens += sum(len(j.tokens) for j in group) - prefix * (len(group) - 1)
+                self.usage.cached_tokens += prefix * (len(group) - 1)
+                try:
+                    values = self._score_group(model, group, prefix, None, False)
+                except (RuntimeError, ValueError) as exc:
+                    log.warning("scoring failed for %d sequences: %s", len(group), exc)
+                    for job in group:
+                        results[job.item] = ContinuationScore(error=f"scoring failed: {exc}")
+                    continue
+                for job, value in zip(group, values, strict=True):
+                    results[job.item] = ContinuationScore(
+                        logprob=value[0],
+                        tokens=job.option_len,
+                        prompt_tokens=len(job.tokens) - job.option_len,
+                        cached_tokens=prefix if len(group) > 1 else 0,
+                    )
+        self.usage.score_calls += 1
+        for score in results:
+            assert score is not None
+            self.usage.failed_items += not score.ok
         return results  # type: ignore[return-value]
 
     def _groups(self, jobs: list[_ScoreJob]):

@@ -31,10 +31,13 @@ from cai.backends.base import (
     Chat,
     ChoiceScores,
     Completion,
+    ContinuationPrompt,
+    ContinuationScore,
     Sample,
     ScorePrompt,
     Usage,
     encode_chat,
+    encode_continuations,
     encode_for_generation,
     encode_for_scoring,
     option_token_ids,
@@ -250,6 +253,43 @@ class VLLMBackend:
             self.usage.failed_items += not scores.ok
             self.usage.scored_tokens += scores.prompt_tokens - scores.cached_tokens
             self.usage.cached_tokens += scores.cached_tokens
+        return results  # type: ignore[return-value]
+
+    def score_continuations(self, prompts: Sequence[ContinuationPrompt]) -> list[ContinuationScore]:
+        """Each continuation's summed log-prob, read from the prompt log-probs of prompt + response.
+
+        vLLM does not read its prefix cache for requests that ask for prompt log-probs, so every
+        item computes its whole prompt: the hf engine shares them (see `cai.backends.hf_score`).
+        """
+        from vllm import SamplingParams as VSamplingParams
+
+        encoded, results = encode_continuations(
+            self.encode_chat, self.tokenizer, prompts, self.max_model_len, room=1
+        )
+        order = list(encoded)
+        request = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self._run([encoded[i][0] + encoded[i][1] for i in order], [request] * len(order))
+        for index, output in zip(order, outputs, strict=True):
+            prompt, tail = encoded[index]
+            if isinstance(output, str):
+                results[index] = ContinuationScore(
+                    prompt_tokens=len(prompt), error=f"scoring failed: {output}"
+                )
+                continue
+            rows = output.prompt_logprobs[-len(tail) :]  # row j: {token id at j: Logprob, ...}
+            cached = int(output.num_cached_tokens or 0)
+            results[index] = ContinuationScore(
+                logprob=float(sum(row[t].logprob for row, t in zip(rows, tail, strict=True))),
+                tokens=len(tail),
+                prompt_tokens=len(prompt),
+                cached_tokens=cached,
+            )
+            self.usage.scored_tokens += len(prompt) + len(tail) - cached
+            self.usage.cached_tokens += cached
+        self.usage.score_calls += 1
+        for score in results:
+            assert score is not None
+            self.usage.failed_items += not score.ok
         return results  # type: ignore[return-value]
 
     def _score_single(self, encoded: dict[int, list[int]], tokens: list[int]) -> dict[int, Any]:
