@@ -44,7 +44,6 @@ from cai.sections import EngineConfig, SamplingParams, Section
 from cai.sources import PromptSource
 from cai.verdict import DEFAULT_MIN_MARGIN, side, two_order_verdict
 
-
 JudgeMode = Literal["choice", "likelihood", "classifier"]
 """The three ways a judge can read a pair (README "Judges": when to use which, and the cost)."""
 
