@@ -236,14 +236,13 @@ HOW_TO_PROCEED = (
 )
 
 
-def print_check(console, check: JudgeCheck, failures: Sequence[str] = ()) -> None:
+def print_check(console, check: JudgeCheck, failures: Sequence[str] = (), title: str | None = None) -> None:
     """The gate's figures as a table, then what failed (if anything) and how to go on."""
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(
-        title=f"judge gate: {check.judge_model} on {check.n} gold pairs ({check.gold})", title_justify="left"
-    )
+    title = title or f"judge gate: {check.judge_model} on {check.n} gold pairs ({check.gold})"
+    table = Table(title=Text(title), title_justify="left")
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_column("what it means")
@@ -255,11 +254,17 @@ def print_check(console, check: JudgeCheck, failures: Sequence[str] = ()) -> Non
     for category, figure in check.by_category.items():
         table.add_row(f"  {category}", f"{figure.agreement:.2f}", f"n = {figure.n}")
     table.add_row("coverage", f"{check.coverage:.2f}", "share of pairs whose label has a verdict at all")
-    consistency = "n/a" if check.position_consistency is None else f"{check.position_consistency:.0%}"
+    consistency = (
+        "n/a (no option order)" if check.position_consistency is None else f"{check.position_consistency:.0%}"
+    )
     table.add_row("position consistency", consistency, "same response preferred in both orders")
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(check.no_verdict.items())) or "none"
     table.add_row("no verdict", f"{sum(check.no_verdict.values())}/{check.comparisons}", Text(reasons))
-    table.add_row("cost", f"{check.seconds:.0f} s", f"{check.scored_tokens} scored tokens")
+    table.add_row(
+        "cost",
+        f"{check.seconds:.1f} s",
+        f"{check.scored_tokens} scored tokens, {check.generated_tokens} generated tokens",
+    )
     console.print(table)
     for failure in failures:
         console.print(Text.assemble(("gate failed: ", "bold red"), failure))

@@ -34,6 +34,8 @@ config_app = typer.Typer(
     help="Inspect run configs: resolved values and every field's documentation.", no_args_is_help=True
 )
 app.add_typer(config_app, name="config")
+judge_app = typer.Typer(help="Measure the judge a config would label with.", no_args_is_help=True)
+app.add_typer(judge_app, name="judge")
 
 console = Console()
 err_console = Console(stderr=True)

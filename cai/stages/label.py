@@ -14,15 +14,17 @@ judge-quality figures are printed at the end and stored in the manifest summary.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cai.atomic import atomic_write_json, atomic_write_jsonl
-from cai.backends.base import Usage
+from cai.backends.base import Backend, Usage
 from cai.export import HubConfig, dataset_card, preference_config, write_card, write_parquet
 from cai.gate import (
     HOW_TO_PROCEED,
     GateResult,
+    GoldPair,
     JudgeCheck,
     JudgeGateError,
     gate_failures,
@@ -54,7 +56,7 @@ def key(ctx: StageContext) -> StageStore:
         # the gate decides whether labelling goes ahead, not what the labels are
         "label": cfg.model_dump(mode="json", exclude={"gate", "gold"}),
         "policy": policy,
-        "judge_model": cfg.judge_model or ctx.config.model,
+        "judge_model": judge_model(ctx),
         "engine": ctx.config.engine.model_dump(mode="json"),
         "seed": ctx.config.seed,
         "constitution": ctx.constitution.name,
@@ -72,11 +74,8 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
         return store
     timer = Timer()
     policy, _ = ctx.starting_model(cfg.policy, complete=True)
-    judge_model = cfg.judge_model or ctx.config.model
-    examples = ctx.constitution.examples.compare[: cfg.few_shot]
-    weights_in = weighting(ctx.constitution, cfg.principles)
     items = load_prompts(cfg.prompts)  # bad input fails before the gate loads a model, and before any write
-    gate, gate_usage = run_gate(ctx, store, judge_model, examples, weights_in == "aggregation")
+    gate, gate_usage = run_gate(ctx, store)
     with store:
         if gate is not None and gate_usage is not None:  # measured now: its cost is this stage's
             atomic_write_json(store.path / GATE_FILE, gate)
@@ -85,22 +84,22 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
         rows = [(f"{item.key}:{item.index}", item) for item in items]
         todo = pending_chunks(ctx, store, rows, lambda row: row[0], cfg.chunk_size, "labels")
         meta = LabelMeta(
-            judge_model_id=judge_model,
+            judge_model_id=judge_model(ctx),
             policy_model_id=policy,
             constitution=ctx.constitution.name,
             constitution_hash=ctx.constitution.hash,
             template_hashes=store.config["templates"],
             config_hash=store.config_hash,
-            weighting=weights_in,
+            weighting=weighting(ctx.constitution, cfg.principles),
         )
         if todo:
             policy_backend = ctx.backend(policy)
-            judge_backend = ctx.backend(judge_model, cfg.judge_engine)
+            judge_backend = open_judge(ctx)
             with ctx.progress(f"{NAME}: K={cfg.responses}, judged in both orders", len(rows)) as advance:
                 advance(len(rows) - sum(len(c) for _, c in todo))
                 for number, chunk in todo:
                     before = [b.usage.model_copy() for b in (policy_backend, judge_backend)]
-                    results = label_chunk(ctx, chunk, number, policy_backend, judge_backend, examples, meta)
+                    results = label_chunk(ctx, chunk, number, policy_backend, judge_backend, meta)
                     usage = usage_since(policy_backend, before[0])
                     if judge_backend is not policy_backend:
                         usage = usage.plus(usage_since(judge_backend, before[1]))
@@ -136,9 +135,51 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
     return store
 
 
-def run_gate(
-    ctx: StageContext, store: StageStore, judge_model: str, examples, weighted: bool
-) -> tuple[JudgeCheck | None, Usage | None]:
+def judge_model(ctx: StageContext) -> str:
+    """The model this config judges with: `label.judge_model`, else the run's model."""
+    return ctx.config.label.judge_model or ctx.config.model
+
+
+def judge_examples(ctx: StageContext) -> list:
+    """The few-shot comparison examples every judge prompt of this config carries."""
+    return ctx.constitution.examples.compare[: ctx.config.label.few_shot]
+
+
+def open_judge(ctx: StageContext) -> Backend:
+    """The judge this config labels with, opened once per command and shared by its callers.
+
+    The one place a judge is opened (the gate, the labels, `cai judge check`): a new kind of
+    judge is built here and everything that measures or uses the judge gets it.
+    """
+    return ctx.backend(judge_model(ctx), ctx.config.label.judge_engine)
+
+
+def measure_config_judge(
+    ctx: StageContext, gold: Sequence[GoldPair], source: str
+) -> tuple[JudgeCheck, Usage]:
+    """Measure this config's judge on `gold` (read from `source`), exactly as the gate does.
+
+    Returns the check and what it cost. Shared by the gate and `cai judge check`, so the two
+    give the same figures for the same config and gold pairs.
+    """
+    cfg = ctx.config.label
+    backend = open_judge(ctx)
+    before = backend.usage.model_copy()
+    check = measure_judge(
+        backend,
+        ctx.builder,
+        ctx.constitution,
+        gold,
+        cfg,
+        seed=ctx.config.seed,
+        weighted=weighting(ctx.constitution, cfg.principles) == "aggregation",
+        gold_name=str(resolve_gold(source)),
+        examples=judge_examples(ctx),
+    )
+    return check, usage_since(backend, before)
+
+
+def run_gate(ctx: StageContext, store: StageStore) -> tuple[JudgeCheck | None, Usage | None]:
     """Measure the judge on the gold pairs, or reuse the measurement of an earlier attempt.
 
     Returns the check and, when it was measured now, what it cost. Runs before the stage folder
@@ -152,20 +193,7 @@ def run_gate(
     gold = load_gold(cfg.gold)
     check, usage = _earlier_check(store, gold), None
     if check is None:
-        backend = ctx.backend(judge_model, cfg.judge_engine)
-        before = backend.usage.model_copy()
-        check = measure_judge(
-            backend,
-            ctx.builder,
-            ctx.constitution,
-            gold,
-            cfg,
-            seed=ctx.config.seed,
-            weighted=weighted,
-            gold_name=str(resolve_gold(cfg.gold)),
-            examples=examples,
-        )
-        usage = usage_since(backend, before)
+        check, usage = measure_config_judge(ctx, gold, cfg.gold)
     failures = gate_failures(check, cfg.gate)
     print_check(ctx.console, check, failures)
     if failures and cfg.gate.action == "halt":
@@ -202,7 +230,7 @@ def _order_key(row_id: str) -> tuple[str, int]:
     return source, int(index)
 
 
-def label_chunk(ctx, chunk, number, policy_backend, judge_backend, examples, meta) -> list[LabelResult]:
+def label_chunk(ctx, chunk, number, policy_backend, judge_backend, meta) -> list[LabelResult]:
     """Sample K responses per prompt (one call), judge them all (one scoring call)."""
     from cai.hashing import derive_seed
 
@@ -228,7 +256,7 @@ def label_chunk(ctx, chunk, number, policy_backend, judge_backend, examples, met
         [responses for _, _, responses, _ in ready],
         [principles for _, _, _, principles in ready],
         cfg,
-        examples,
+        judge_examples(ctx),
         seed=derive_seed(ctx.config.seed, "cot", number),
         weighted=meta.weighting == "aggregation",
     )
