@@ -4,7 +4,9 @@
 
 For every prompt the model answers; then each round samples a principle (seeded per row and
 round, re-sampled every round as in the paper), asks the model to critique its latest answer
-against it and to revise the answer. The final revisions become SFT data.
+against it and to revise the answer. The final revisions become SFT data. With `verify` on, the
+AI judge compares each revision with the answer it revised (`cai/verify.py`); under `filter`
+only revisions it judges better are kept.
 
 This module is pure: a function of a backend, a constitution and templates. Rows are processed
 in chunks, and each step of a round is ONE engine call for the whole chunk, so the stage runs
@@ -25,6 +27,7 @@ from cai.hashing import derive_seed
 from cai.records import SLRecord, SLRound
 from cai.sections import SamplingParams, Section
 from cai.sources import PromptItem, PromptSource
+from cai.verify import Verifier, VerifyMode
 
 
 def _default_sampling() -> SamplingParams:
@@ -60,6 +63,14 @@ class SLConfig(Section):
         16,
         ge=1,
         description="Rows processed and committed together; fixed chunks keep resumed runs identical.",
+    )
+    verify: VerifyMode = Field(
+        "off",
+        description="Verified revision: after each round the AI judge (label.judge_model and label's "
+        "judge settings) compares the revision with the answer it revised, under the round's principle. "
+        "off: no judge; record: store its verdict and probability in the round; filter: keep a revision "
+        "only with a verdict that it is better, else the previous answer stays, is revised next round "
+        "and can be the SFT target. Every principle sl can draw needs a comparison question.",
     )
 
     def template_names(self) -> list[str]:
@@ -100,6 +111,7 @@ class _State:
     job: SLJob
     response: str = ""
     initial: str = ""
+    accepted_round: int = 0  # the round whose revision `response` is (0: the initial answer)
     rounds: list[SLRound] = field(default_factory=list)
     error: str | None = None
 
@@ -116,12 +128,14 @@ def run_chunk(
     config: SLConfig,
     meta: SLMeta,
     chunk_key: str,
+    verifier: Verifier | None = None,
 ) -> list[SLRecord]:
     """Take one chunk of rows through the initial answer and every round.
 
     A failed call fails only its row (the error is recorded and its later rounds are skipped);
     the other rows go on. Seeds are derived from the run seed, the chunk and the step, so the
-    same chunk always gets the same samples.
+    same chunk always gets the same samples. With a `verifier`, each round's revisions are
+    judged in one call and only accepted ones become the answer the next round revises.
     """
     stages = ["critique", "revision"] if config.critique else ["revision"]
     candidates = constitution.select(stages=stages, tags=config.tags, ids=config.principles)
@@ -172,12 +186,24 @@ def run_chunk(
             for k in revision_jobs
         ]
         outputs = backend.generate(chats, _seeded(config.sampling, meta.seed, chunk_key, round_number, "r"))
+        revised = []
         for k, completion in zip(revision_jobs, outputs, strict=True):
+            if completion.ok:
+                revised.append((k, completion.samples[0]))
+            else:
+                live[k].error = f"round {round_number} revision: {completion.error}"
+        verdicts = [None] * len(revised)
+        if verifier is not None:
+            verdicts = verifier.check(
+                [live[k].job.item.prompt for k, _ in revised],
+                [live[k].response for k, _ in revised],
+                [sample.text for _, sample in revised],
+                [picks[k] for k, _ in revised],
+                [live[k].accepted_round for k, _ in revised],
+                seed=derive_seed(meta.seed, chunk_key, round_number, "v"),
+            )
+        for (k, sample), verdict in zip(revised, verdicts, strict=True):
             state = live[k]
-            if not completion.ok:
-                state.error = f"round {round_number} revision: {completion.error}"
-                continue
-            sample = completion.samples[0]
             state.rounds.append(
                 SLRound(
                     round=round_number,
@@ -187,11 +213,13 @@ def run_chunk(
                     critique_tokens=critique_tokens[k],
                     revision_tokens=sample.tokens,
                     finish_reasons=[sample.finish_reason],
+                    verify=verdict,
                 )
             )
             # An empty revision would erase the answer; keep the last non-empty one instead.
-            if sample.text.strip():
+            if verdict.accepted if verdict is not None else sample.text.strip():
                 state.response = sample.text
+                state.accepted_round = round_number
 
     return [
         SLRecord(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from cai.aggregate import DerivedPair
 from cai.backends.base import Chat
@@ -25,6 +25,33 @@ class Row(BaseModel):
 # --------------------------------------------------------------------------- supervised stage
 
 
+class VerifyResult(Row):
+    """The AI judge's comparison of a revision with the answer it revised (`sl.verify`).
+
+    A revision is not always better than what it revised (small models often make it worse);
+    the verdict says whether this one was, so `filter` can keep only the better ones and
+    `record` can show how often revising helps, per principle.
+    """
+
+    against_round: int = Field(
+        description="The round whose revision was compared with this one (0: the initial response): "
+        "the answer this round revised."
+    )
+    judge_model_id: str
+    p_revision_better: float | None = Field(
+        description="The judge's two-order probability that the revision is better; None if it abstained."
+    )
+    verdict: Literal["better", "worse", "no-verdict"] = Field(
+        description="A verdict needs both orders to agree and a margin (label.min_margin), as for labels."
+    )
+    no_verdict: NoVerdict | None = Field(description="Why there is no verdict (None when there is one).")
+    accepted: bool = Field(
+        description="Whether this revision became the answer later rounds revise (and the SFT target "
+        "if it is the last): under `filter` only with a verdict 'better'; under `record` always, as "
+        "without verification. An empty revision never is."
+    )
+
+
 class SLRound(Row):
     """One critique -> revision round; `critique` is None in revision-only mode."""
 
@@ -35,6 +62,17 @@ class SLRound(Row):
     critique_tokens: int = 0
     revision_tokens: int = 0
     finish_reasons: list[str] = Field(default_factory=list)
+    verify: VerifyResult | None = Field(
+        None, description="The judge's verdict on this revision (None: sl.verify is off)."
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unverified(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # Rows written with sl.verify off stay byte-identical to rows written before it existed.
+        data = handler(self)
+        if self.verify is None:
+            data.pop("verify", None)
+        return data
 
 
 class SLRecord(Row):

@@ -84,6 +84,21 @@ def fake_eval_rows() -> list[MetricRow]:
     return rows
 
 
+FAKE_VERIFY = {
+    "mode": "filter",
+    "accepted": 3,
+    "rejected": 2,
+    "better": 3,
+    "worse": 1,
+    "no_verdict": 1,
+    "by_principle": {
+        "harmful": {"accepted": 3, "rejected": 1, "better": 3, "worse": 1, "no_verdict": 0},
+        "<i>odd</i>": {"accepted": 0, "rejected": 1, "better": 0, "worse": 0, "no_verdict": 1},
+    },
+}
+"""An SL stage's summary["verify"] (`cai.verify.verify_summary`) under sl.verify: filter."""
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     return write_report(
@@ -92,6 +107,7 @@ def report(tmp_path_factory) -> Path:
         ppo_history=fake_ppo_history(),
         eval_rows=fake_eval_rows(),
         pm_metrics={"accuracy": 0.72, "eval_loss": 0.57, "pairs": 100},
+        sl_verify=FAKE_VERIFY,
         summary={
             "sl": {
                 "elapsed_s": 12.5,
@@ -131,6 +147,11 @@ def test_sections_plots_and_escaping(report):
 
 def test_content_reads_right(report):
     page = report.read_text(encoding="utf-8")
+    # verified revisions: one row per principle (escaped), then the totals
+    assert "<td>harmful</td>" + "".join(f'<td class="num">{n}</td>' for n in (3, 1, 3, 1, 0)) in page
+    assert "<td>&lt;i&gt;odd&lt;/i&gt;</td>" in page
+    assert "<td>all</td>" + "".join(f'<td class="num">{n}</td>' for n in (3, 2, 3, 1, 1)) in page
+    assert "kept only revisions judged better" in page
     assert "88.2% (30/34 comparisons)" in page  # judge quality, worked out in test_audit.py
     assert "<td>label-006</td><td>0 &gt; 1</td><td>0.300</td>" in page  # contested table
     assert "harm, safety" in page  # tags from the constitution
@@ -175,7 +196,7 @@ def test_max_labels_and_trainer_history_keys(tmp_path):
         max_labels=3,
     ).read_text()
     assert page.count('<div class="label">') == 3 and "showing 3 of 10 labels" in page
-    assert page.count('class="not-run"') == 4  # summary, judge gate (not measured), eval, PM
+    assert page.count('class="not-run"') == 5  # summary, verify, judge gate (not measured), eval, PM
     assert page.count("data:image/png;base64,") == 4  # the audit's three plots and PPO
     assert series(trainer_history, "reward") == ([1.0, 2.0, 3.0], [0.1, 0.2, pytest.approx(0.3)])
 

@@ -38,6 +38,7 @@ __all__ = ["PPO_KEYS", "SECTIONS", "series", "write_report"]
 
 SECTIONS = {
     "summary": "Run summary",
+    "verify": "Verified revisions (SL)",
     "gate": "Judge gate (gold pairs)",
     "judge": "Judge quality",
     "influence": "Principle influence",
@@ -85,6 +86,22 @@ def _summary_section(summary: Mapping[str, Any] | None) -> str:
         return table(["stage", *columns], rows, numeric=range(1, len(columns) + 1))
     flat = _flatten(summary)
     return table(["figure", "value"], [[k, v] for k, v in flat.items()], numeric=[1])
+
+
+def _verify_section(verify: Mapping[str, Any] | None) -> str:
+    """The SL stage's `summary["verify"]` (`cai.verify.verify_summary`): per principle, how many
+    revisions the judge let through, and its verdicts."""
+    if not verify:
+        return not_run("sl.verify is off (or no SL stage): revisions were not checked by the judge")
+    kept = "kept only revisions judged better" if verify["mode"] == "filter" else "kept every revision"
+    head = (
+        f"<p>sl.verify = {e(verify['mode'])}: the judge compared each revision with the answer it "
+        f"revised; {kept}.</p>"
+    )
+    counts = ("accepted", "rejected", "better", "worse", "no_verdict")
+    rows = [[pid, *(t[k] for k in counts)] for pid, t in verify["by_principle"].items()]
+    rows.append(["all", *(verify[k] for k in counts)])
+    return head + table(["principle", *(k.replace("_", " ") for k in counts)], rows, numeric=range(1, 6))
 
 
 def _banner(notes: Sequence[str]) -> str:
@@ -318,6 +335,7 @@ def write_report(
     title: str,
     constitution: Constitution | None = None,
     max_labels: int = 50,
+    sl_verify: dict | None = None,
 ) -> Path:
     """Write the report to `path` (parents created) and return it.
 
@@ -325,13 +343,15 @@ def write_report(
     labels mostly without a verdict, open the page with a banner. `ppo_history` rows are dicts
     with ``step``, ``reward_mean`` and ``kl`` (``reward_std`` and ``kl_coef`` are plotted when
     present). `eval_rows` with policy ``pm`` go to the preference model section.
-    `constitution`, when given, adds principle tags to the influence table.
+    `constitution`, when given, adds principle tags to the influence table. `sl_verify` is the SL
+    stage's `summary["verify"]` (present only when `sl.verify` was on).
     """
     from cai.atomic import atomic_write_bytes
 
     sections: dict[str, str] = {}
     banner: list[str] = []
     sections["summary"] = _summary_section(summary)
+    sections["verify"] = _verify_section(sl_verify)
     if audit is not None:
         banner = audit.warnings
         quality = audit.quality

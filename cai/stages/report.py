@@ -67,6 +67,7 @@ def write_run_report(ctx: StageContext, path: Path | None = None) -> Path:
     ppo = _complete(ctx, "ppo")
     evaluation = _complete(ctx, "eval")
     pm = _complete(ctx, "pm")
+    sl = _complete(ctx, "sl")
     target = path or ctx.run_dir / "report.html"
     write_report(
         target,
@@ -77,6 +78,7 @@ def write_run_report(ctx: StageContext, path: Path | None = None) -> Path:
         summary=run_summary(ctx),
         title=f"cai run {ctx.run_dir.name}",
         constitution=ctx.constitution,
+        sl_verify=(sl.manifest.summary or {}).get("verify") if sl is not None else None,
     )
     return target
 
@@ -91,7 +93,7 @@ STAGE = Stage(
     name=NAME,
     command="cai report",
     help="Write the self-contained HTML report of a run (audit plots, PPO curves, eval results).",
-    reads=("label", "pm", "ppo", "eval"),
+    reads=("sl", "label", "pm", "ppo", "eval"),
     key=None,
     run=run_report,
 )

@@ -5,7 +5,8 @@
 Rows are cut into fixed chunks (`sl.chunk_size`); a chunk is generated round by round and
 committed as a whole, so after a kill the same command redoes only unfinished chunks, with the
 same seeds and the same batch composition: the final `rows.jsonl` is byte-identical to an
-uninterrupted run.
+uninterrupted run. With `sl.verify` on, the judge of `label.*` checks every revision
+(`cai/verify.py`); the summary and the final line count the revisions it accepted and rejected.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cai.records import SFTRow, SLRecord
 from cai.sources import load_prompts
 from cai.stages.base import Stage, Timer, open_or_skip, pending_chunks, usage_since
 from cai.store import StageStore
+from cai.verify import Verifier, check_principles, verify_summary
 
 if TYPE_CHECKING:
     from cai.stages.context import StageContext
@@ -28,11 +30,13 @@ NAME = "sl"
 
 
 def key(ctx: StageContext) -> StageStore:
-    """The store this config maps to (hash of the section, model, engine, constitution, templates)."""
+    """The store this config maps to (hash of the section, model, engine, constitution, templates;
+    with `verify` on also everything its judge reads)."""
     cfg = ctx.config.sl
     model = cfg.model or ctx.config.model
     config = {
-        "sl": cfg.model_dump(mode="json"),
+        # verify: off is left out, so runs from before verification existed keep their folders
+        "sl": cfg.model_dump(mode="json", exclude={"verify"} if cfg.verify == "off" else None),
         "model": model,
         "engine": ctx.config.engine.model_dump(mode="json"),
         "seed": ctx.config.seed,
@@ -41,7 +45,33 @@ def key(ctx: StageContext) -> StageStore:
         "constitution_stage_hash": ctx.constitution.stage_hash("sl"),
         "templates": ctx.builder.template_hashes(cfg.template_names()),
     }
+    if cfg.verify != "off":
+        label = ctx.config.label
+        config["judge"] = {
+            "settings": label.judge_settings(),
+            "few_shot": label.few_shot,
+            "model": label.judge_model or ctx.config.model,
+            "engine": label.judge_engine.model_dump(mode="json") if label.judge_engine else None,
+            "constitution_stage_hash": ctx.constitution.stage_hash("compare"),
+            "templates": ctx.builder.template_hashes(label.template_names()),
+        }
     return StageStore(ctx.run_dir, NAME, config)
+
+
+def make_verifier(ctx: StageContext) -> Verifier | None:
+    """The judge of `label.*` for verified revision; `ctx.backend` hands back the policy's own
+    engine when the judge is the same model on the same engine."""
+    cfg, label = ctx.config.sl, ctx.config.label
+    if cfg.verify == "off":
+        return None
+    backend = ctx.backend(label.judge_model or ctx.config.model, label.judge_engine)
+    return Verifier(
+        mode=cfg.verify,
+        backend=backend,
+        builder=ctx.builder,
+        config=label,
+        examples=ctx.constitution.examples.compare[: label.few_shot],
+    )
 
 
 def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
@@ -52,31 +82,49 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
     timer = Timer()
     model = cfg.model or ctx.config.model
     jobs = make_jobs(load_prompts(cfg.prompts), cfg.samples_per_prompt)  # bad input fails before any write
+    if cfg.verify != "off":
+        stages = ["critique", "revision"] if cfg.critique else ["revision"]
+        check_principles(ctx.constitution.select(stages=stages, tags=cfg.tags, ids=cfg.principles))
     with store:
         todo = pending_chunks(ctx, store, jobs, lambda job: job.row_id, cfg.chunk_size, "rows")
         if todo:
             backend = ctx.backend(model)
+            verifier = make_verifier(ctx)
+            judge_templates = store.config["judge"]["templates"] if verifier else {}
             meta = SLMeta(
                 model_id=model,
                 seed=ctx.config.seed,
                 constitution=ctx.constitution.name,
                 constitution_hash=ctx.constitution.hash,
-                template_hashes=store.config["templates"],
+                template_hashes={**store.config["templates"], **judge_templates},
                 config_hash=store.config_hash,
             )
             with ctx.progress(f"{NAME}: critique -> revision x{cfg.rounds}", len(jobs)) as advance:
                 advance(len(jobs) - sum(len(c) for _, c in todo))
                 for number, chunk in todo:
-                    before = backend.usage.model_copy()
+                    judge = verifier.backend if verifier and verifier.backend is not backend else None
+                    before = [b.usage.model_copy() for b in (backend, judge) if b is not None]
                     records = run_chunk(
-                        chunk, backend, ctx.builder, ctx.constitution, cfg, meta, chunk_key=f"chunk{number}"
+                        chunk,
+                        backend,
+                        ctx.builder,
+                        ctx.constitution,
+                        cfg,
+                        meta,
+                        chunk_key=f"chunk{number}",
+                        verifier=verifier,
                     )
-                    store.commit(records, usage=usage_since(backend, before))
+                    usage = usage_since(backend, before[0])
+                    if judge is not None:
+                        usage = usage.plus(usage_since(judge, before[1]))
+                    store.commit(records, usage=usage)
                     ctx.model_calls += 1
                     advance(len(chunk))
         rows = sorted_rows(list(store.rows(SLRecord)))
         sft = [SFTRow(messages=r.messages(), row_id=r.row_id) for r in rows if not r.error]
         summary = sl_summary(rows)
+        if cfg.verify != "off":
+            summary["verify"] = verify_summary(rows, cfg.verify)
         card = sl_card(ctx, store, summary, len(sft))
         store.finalize(
             outputs={
@@ -88,9 +136,15 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
             order=lambda row: (row["source"], row["index"], row["sample"]),
             summary={**summary, "seconds": round(timer.seconds, 1)},
         )
-    ctx.console.print(
-        f"[green]✓[/] {NAME}: {summary['rows']} rows ({summary['errors']} with errors) -> {store.path}"
-    )
+    checked = ""
+    if "verify" in summary:
+        v = summary["verify"]
+        checked = (
+            f", verify={v['mode']}: {v['accepted']} revisions accepted, {v['rejected']} rejected "
+            f"({v['no_verdict']} without a verdict)"
+        )
+    rows_line = f"{summary['rows']} rows ({summary['errors']} with errors)"
+    ctx.console.print(f"[green]✓[/] {NAME}: {rows_line}{checked} -> {store.path}", highlight=False)
     example = next((r for r in rows if not r.error and r.rounds), None)
     if example is not None:
         show_example(ctx.console, example)
@@ -113,6 +167,10 @@ def show_example(console, row: SLRecord, width: int = 400) -> None:
         if r.critique is not None:
             console.print(f"  [cyan]critique[/]  {cut(r.critique)}")
         console.print(f"  [cyan]revision[/]  {cut(r.revision)}")
+        if r.verify is not None:
+            p = "n/a" if r.verify.p_revision_better is None else f"{r.verify.p_revision_better:.2f}"
+            kept = "accepted" if r.verify.accepted else "rejected"
+            console.print(f"  [cyan]judge[/]     {r.verify.verdict} (p={p}), {kept}")
 
 
 def sorted_rows(rows: list[SLRecord]) -> list[SLRecord]:
@@ -151,6 +209,7 @@ def sl_card(ctx: StageContext, store: StageStore, summary: dict, sft_rows: int) 
             "rounds": config["sl"]["rounds"],
             "critique": config["sl"]["critique"],
             "seed": config["seed"],
+            **({"verify": config["sl"]["verify"]} if "judge" in config else {}),
             "config_hash": store.config_hash,
         },
         configs=[
@@ -174,7 +233,8 @@ def sl_card(ctx: StageContext, store: StageStore, summary: dict, sft_rows: int) 
                 columns={
                     "prompt": "the red-team conversation",
                     "initial_response": "the model's first answer",
-                    "rounds": "per round: principle_id, critique, revision, token counts",
+                    "rounds": "per round: principle_id, critique, revision, token counts"
+                    + (", the judge's verdict on the revision (verify)" if "judge" in config else ""),
                     "final_revision": "the SFT target",
                     "constitution_hash / template_hashes / config_hash": "what shaped the row",
                     "error": "why a model call failed for this row (null when none did)",
