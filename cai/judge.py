@@ -36,6 +36,7 @@ from cai.chats import (
     OPTIONS,
     ChatBuilder,
 )
+from cai.classifier import ClassifierConfig
 from cai.constitution import Constitution, Principle, sample_principles
 from cai.hashing import derive_seed
 from cai.records import LabelAudit, OrderVote, PairVote, PreferenceRow, TrainingUse
@@ -43,7 +44,6 @@ from cai.rules import PrincipleVote
 from cai.sections import EngineConfig, SamplingParams, Section
 from cai.sources import PromptSource
 from cai.verdict import DEFAULT_MIN_MARGIN, side, two_order_verdict
-
 
 JudgeMode = Literal["choice", "likelihood", "classifier"]
 """The three ways a judge can read a pair (README "Judges": when to use which, and the cost)."""
@@ -120,6 +120,12 @@ class LabelConfig(Section):
         "a principle-following vs a principle-violating assistant; no option order) or 'classifier' (a "
         "sequence-classification model scores each response).",
     )
+    classifier: ClassifierConfig | None = Field(
+        None,
+        description="The sequence-classification model of judge: classifier (needed then, ignored "
+        "otherwise): each response is scored with the last user message; P(i better) = "
+        "sigmoid((s_i - s_j) / temperature).",
+    )
     policy: str | None = Field(
         None,
         description="Model that samples the responses; default: this run's SFT model, else the run's model.",
@@ -173,6 +179,11 @@ class LabelConfig(Section):
 
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; known: {', '.join(sorted(RULES))}")
+        if self.judge == "classifier" and self.classifier is None:
+            raise ValueError(
+                "label.classifier: judge 'classifier' needs a classifier section, e.g. "
+                "classifier: {model: path/to/model, label_index: 1}"
+            )
         low, high = self.clamp
         if not 0 <= low <= 0.5 <= high <= 1:
             raise ValueError("clamp must be (low, high) with 0 <= low <= 0.5 <= high <= 1")
@@ -182,6 +193,7 @@ class LabelConfig(Section):
         """What the judge itself reads (margin, chain of thought, clamp): the part of this section
         that `cai eval`, judging with the same machinery, must key its folder by."""
         read = {"judge", "min_margin", "cot", "clamp"} | ({"cot_max_new_tokens"} if self.cot else set())
+        read |= {"classifier"} if self.judge == "classifier" else set()
         return self.model_dump(mode="json", include=read)
 
     def template_names(self) -> list[str]:
@@ -262,7 +274,13 @@ def judge(
     Returns, per label, the combined votes of each (principle, pair). One `generate` call (CoT
     only) and one `score_choices` call serve the whole batch of labels. `weighted` False gives
     every vote weight 1 (the weights were already applied when the principles were drawn).
+    Under `judge: classifier` the backend is a `cai.classifier.ClassifierScorer` and the
+    classifier reads each pair instead (`cai.classifier.classifier_judge`).
     """
+    if config.judge == "classifier":
+        from cai.classifier import classifier_judge
+
+        return classifier_judge(backend, conversations, responses, principles, config, weighted)  # type: ignore[arg-type]
     comparisons: list[Comparison] = []
     for label, (candidates, chosen) in enumerate(zip(responses, principles, strict=True)):
         for i, j in itertools.combinations(range(len(candidates)), 2):

@@ -102,8 +102,24 @@ class OrderVote(Row):
     error: str | None = None
 
 
+class ResponseScore(Row):
+    """A classifier judge's score of one response (`label.judge: classifier`)."""
+
+    index: int = Field(description="The response's position among the label's K responses.")
+    score: float = Field(
+        description="Logit-scale acceptability: log p / (1 - p) of the acceptable label, or a scalar "
+        "head's value."
+    )
+    tokens: int = Field(description="Tokens the classifier read (the user message and the response).")
+
+
 class PairVote(Row):
-    """One principle's judgement of one pair (i, j) of responses, both orders combined."""
+    """One principle's judgement of one pair (i, j) of responses, both orders combined.
+
+    Under `label.judge: classifier` the reader is the classifier, not a principle: `principle_id`
+    is "classifier", `orders` is empty (no presentation order) and `classifier_scores` holds both
+    responses' scores.
+    """
 
     principle_id: str
     weight: float = Field(description="The principle's weight in aggregation (1 where sampling applied it).")
@@ -119,6 +135,9 @@ class PairVote(Row):
         "combined probability is at least min_margin from 0.5. None: no verdict."
     )
     no_verdict: NoVerdict | None = Field(description="Why there is no verdict (None when there is one).")
+    classifier_scores: list[ResponseScore] | None = Field(
+        None, description="Classifier judge only: the scores of responses i and j that gave p_i_better."
+    )
 
 
 TrainingUse = Literal["row", "no-verdict", "abstained", "rule-conflict", "contested", "identical"]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from cai.atomic import atomic_write_json, atomic_write_jsonl
 from cai.backends.base import Usage
+from cai.classifier import open_classifier
 from cai.export import HubConfig, dataset_card, preference_config, write_card, write_parquet
 from cai.gate import (
     HOW_TO_PROCEED,
@@ -73,9 +74,13 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
     timer = Timer()
     policy, _ = ctx.starting_model(cfg.policy, complete=True)
     judge_model = cfg.judge_model or ctx.config.model
+    if cfg.judge == "classifier" and cfg.classifier is not None:
+        judge_model = cfg.classifier.model  # what the audit rows name as the judge
     examples = ctx.constitution.examples.compare[: cfg.few_shot]
     weights_in = weighting(ctx.constitution, cfg.principles)
     items = load_prompts(cfg.prompts)  # bad input fails before the gate loads a model, and before any write
+    if cfg.judge == "classifier":  # a label index the classifier lacks fails before any work
+        open_classifier(ctx, cfg.classifier, "label.classifier")
     gate, gate_usage = run_gate(ctx, store, judge_model, examples, weights_in == "aggregation")
     with store:
         if gate is not None and gate_usage is not None:  # measured now: its cost is this stage's
@@ -95,7 +100,11 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
         )
         if todo:
             policy_backend = ctx.backend(policy)
-            judge_backend = ctx.backend(judge_model, cfg.judge_engine)
+            judge_backend = (
+                open_classifier(ctx, cfg.classifier, "label.classifier")
+                if cfg.judge == "classifier"
+                else ctx.backend(judge_model, cfg.judge_engine)
+            )
             with ctx.progress(f"{NAME}: K={cfg.responses}, judged in both orders", len(rows)) as advance:
                 advance(len(rows) - sum(len(c) for _, c in todo))
                 for number, chunk in todo:
@@ -152,7 +161,11 @@ def run_gate(
     gold = load_gold(cfg.gold)
     check, usage = _earlier_check(store, gold), None
     if check is None:
-        backend = ctx.backend(judge_model, cfg.judge_engine)
+        backend = (
+            open_classifier(ctx, cfg.classifier, "label.classifier")
+            if cfg.judge == "classifier"
+            else ctx.backend(judge_model, cfg.judge_engine)
+        )
         before = backend.usage.model_copy()
         check = measure_judge(
             backend,
