@@ -237,6 +237,11 @@ def test_label_stage_end_to_end_with_a_classifier_judge(tmp_path, classifiers) -
             assert got == pytest.approx({vote.i: expected[vote.i], vote.j: expected[vote.j]}, abs=1e-5)
             assert vote.p_i_better == pytest.approx(p_better(got[vote.i], got[vote.j], 0.1))
     assert any(v.verdict is not None for a in audits for v in a.votes)
+    from cai.audit.views import label_view
+
+    view = label_view(audits[0])  # the audit views read classifier votes (no orders) as they are
+    assert [v.combined for v in view.votes] == [v.p_i_better for v in audits[0].votes]
+    assert all(v.p_ab is None and v.principle_id == "classifier" for v in view.votes)
     gate = (store.path / "gate.json").read_text()
     assert '"judge_model":"' + str(classifiers["two"]) in gate.replace(" ", "")
     # the classifier section is part of the stage key and of what eval keys its judge by
