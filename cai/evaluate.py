@@ -30,6 +30,8 @@ it is a win for neither side, and every judged figure says how many items had no
   win, 0 for a loss, a draw (1/2) without a verdict. `elo_prior` virtual ties per pair keep a
   policy that loses every game finite. The baseline is anchored at 1000 (its interval is
   zero-width by construction). Its n is the number of games a policy played.
+- **classifier_flag_rate_red_team / _helpful** (with `eval.classifier`): the share of answers a
+  sequence-classification model scores below 0, i.e. P(acceptable) < 0.5 (`cai.classifier`).
 - **pm_accuracy[_<source>]**: share of held-out preference pairs the PM ranks the labelled way
   (a tie counts half); an interval only when per-pair results are given.
 
@@ -51,6 +53,7 @@ from pydantic import Field
 
 from cai.backends.base import Backend, Chat, ScorePrompt
 from cai.chats import COMPARE_ANSWER_TEMPLATE, OPTIONS, ChatBuilder, as_chat
+from cai.classifier import ClassifierConfig
 from cai.constitution import load_constitution
 from cai.hashing import derive_seed
 from cai.prompts import Templates
@@ -113,6 +116,11 @@ class EvalConfig(Section):
     elo_prior: float = Field(1.0, ge=0, description="Virtual ties per pair of policies (keeps Elo finite).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples per interval; 0 = no intervals.")
     seed: int = Field(0, description="Seed of the bootstrap resamples.")
+    classifier: ClassifierConfig | None = Field(
+        None,
+        description="Also report classifier_flag_rate_red_team / _helpful: per policy, the share of answers "
+        "this sequence-classification model scores below 0 (P(acceptable) < 0.5). null: off.",
+    )
 
 
 def load_eval_prompts(source: str | Path, limit: int | None = None) -> list[Prompt]:

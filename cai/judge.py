@@ -36,6 +36,7 @@ from cai.chats import (
     OPTIONS,
     ChatBuilder,
 )
+from cai.classifier import ClassifierConfig
 from cai.constitution import Constitution, Principle, sample_principles
 from cai.hashing import derive_seed
 from cai.likelihood import CONDITION_TEMPLATE, LikelihoodConfig, likelihood_judge
@@ -120,6 +121,12 @@ class LabelConfig(Section):
         "a principle-following vs a principle-violating assistant; no option order) or 'classifier' (a "
         "sequence-classification model scores each response).",
     )
+    classifier: ClassifierConfig | None = Field(
+        None,
+        description="The sequence-classification model of judge: classifier (needed then, ignored "
+        "otherwise): each response is scored with the last user message; P(i better) = "
+        "sigmoid((s_i - s_j) / temperature).",
+    )
     policy: str | None = Field(
         None,
         description="Model that samples the responses; default: this run's SFT model, else the run's model.",
@@ -176,6 +183,11 @@ class LabelConfig(Section):
 
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; known: {', '.join(sorted(RULES))}")
+        if self.judge == "classifier" and self.classifier is None:
+            raise ValueError(
+                "label.classifier: judge 'classifier' needs a classifier section, e.g. "
+                "classifier: {model: path/to/model, label_index: 1}"
+            )
         low, high = self.clamp
         if not 0 <= low <= 0.5 <= high <= 1:
             raise ValueError("clamp must be (low, high) with 0 <= low <= 0.5 <= high <= 1")
@@ -187,6 +199,7 @@ class LabelConfig(Section):
         if self.judge == "likelihood":
             return self.model_dump(mode="json", include={"judge", "min_margin", "likelihood"})
         read = {"judge", "min_margin", "cot", "clamp"} | ({"cot_max_new_tokens"} if self.cot else set())
+        read |= {"classifier"} if self.judge == "classifier" else set()
         return self.model_dump(mode="json", include=read)
 
     def template_names(self) -> list[str]:
@@ -269,6 +282,8 @@ def judge(
     Returns, per label, the combined votes of each (principle, pair). One `generate` call (CoT
     only) and one `score_choices` call serve the whole batch of labels. `weighted` False gives
     every vote weight 1 (the weights were already applied when the principles were drawn).
+    Under `judge: classifier` the backend is a `cai.classifier.ClassifierScorer` and the
+    classifier reads each pair instead (`cai.classifier.classifier_judge`).
     """
     if config.judge == "likelihood":
         return likelihood_judge(
@@ -281,6 +296,10 @@ def judge(
             config.min_margin,
             weighted,
         )
+    if config.judge == "classifier":
+        from cai.classifier import classifier_judge
+
+        return classifier_judge(backend, conversations, responses, principles, config, weighted)  # type: ignore[arg-type]
     comparisons: list[Comparison] = []
     for label, (candidates, chosen) in enumerate(zip(responses, principles, strict=True)):
         for i, j in itertools.combinations(range(len(candidates)), 2):

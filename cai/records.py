@@ -157,8 +157,24 @@ class ResponseLikelihood(Row):
     error: str | None = None
 
 
+class ResponseScore(Row):
+    """A classifier judge's score of one response (`label.judge: classifier`)."""
+
+    index: int = Field(description="The response's position among the label's K responses.")
+    score: float = Field(
+        description="Logit-scale acceptability: log p / (1 - p) of the acceptable label, or a scalar "
+        "head's value."
+    )
+    tokens: int = Field(description="Tokens the classifier read (the user message and the response).")
+
+
 class PairVote(Row):
-    """One principle's judgement of one pair (i, j) of responses, both orders combined."""
+    """One principle's judgement of one pair (i, j) of responses, both orders combined.
+
+    Under `label.judge: classifier` the reader is the classifier, not a principle: `principle_id`
+    is "classifier", `orders` is empty (no presentation order) and `classifier_scores` holds both
+    responses' scores.
+    """
 
     principle_id: str
     weight: float = Field(description="The principle's weight in aggregation (1 where sampling applied it).")
@@ -177,6 +193,9 @@ class PairVote(Row):
     likelihood: list[ResponseLikelihood] | None = Field(
         None,
         description="Likelihood judge: responses i and j under this principle (no option orders then).",
+    )
+    classifier_scores: list[ResponseScore] | None = Field(
+        None, description="Classifier judge only: the scores of responses i and j that gave p_i_better."
     )
 
 

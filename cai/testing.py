@@ -4,8 +4,9 @@
 
 A byte-level BPE tokenizer is trained on a few kilobytes of text in well under a second, and a
 two-layer Llama with a ChatML chat template is built on top of it, plus a sequence-classification
-twin (same tokenizer) for preference models. Everything is saved to a folder, because trl and our
-own stages load models by path.
+twin (same tokenizer) for preference models; `build_tiny_classifier` adds a labelled classifier
+(toxic / ok) for the classifier judge, reward and eval metric. Everything is saved to a folder,
+because trl and our own stages load models by path.
 """
 
 from __future__ import annotations
@@ -78,6 +79,22 @@ def build_tokenizer(vocab_size: int = 512):
     return fast
 
 
+def _llama_shape(tokenizer, hidden_size: int, num_layers: int) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+
+
 def build_tiny_models(
     folder: str | Path,
     hidden_size: int = 32,
@@ -96,19 +113,7 @@ def build_tiny_models(
 
     folder = Path(folder)
     tokenizer = build_tokenizer(vocab_size)
-    shape = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
+    shape = _llama_shape(tokenizer, hidden_size, num_layers)
     config = LlamaConfig(**shape)
     paths = TinyModels(folder / "tiny-lm", folder / "tiny-pm")
     torch.manual_seed(seed)
@@ -123,6 +128,40 @@ def build_tiny_models(
     pm.save_pretrained(paths.classifier)
     tokenizer.save_pretrained(paths.classifier)
     return paths
+
+
+def build_tiny_classifier(
+    folder: str | Path,
+    labels: tuple[str, ...] = ("toxic", "ok"),
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    vocab_size: int = 512,
+    seed: int = 0,
+    init_std: float = 0.2,
+) -> Path:
+    """Save a tiny sequence-classification model (safetensors) with `labels` as its id2label.
+
+    One label gives a scalar head (num_labels 1). The tokenizer is `build_tiny_models`' own;
+    weights are drawn with `init_std` (wider than the usual 0.02, so scores differ clearly between
+    texts) from `seed`, so the same call always saves the same model.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    path = Path(folder)
+    tokenizer = build_tokenizer(vocab_size)
+    config = LlamaConfig(
+        **_llama_shape(tokenizer, hidden_size, num_layers),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: index for index, name in enumerate(labels)},
+        initializer_range=init_std,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 class EchoBackend:

@@ -85,10 +85,15 @@ def two_order_verdict(p_first: float | None, p_second: float | None, min_margin:
 
 
 def one_reading_verdict(p: float | None, min_margin: float) -> Reading:
-    """A judge with no presentation order (likelihood, classifier) reads a pair once: a verdict
-    needs only the distance from 0.5; an exact tie is below the margin, never a position flip."""
+    """A judge with no presentation order (a classifier scoring each response on its own) gives one
+    reading of P(first response better); it is a verdict when at least `min_margin` from 0.5.
+
+    There is no position consistency to check, so a reading that prefers nothing (p = 0.5) is
+    simply below the margin, never "position-inconsistent".
+    """
     if p is None:
         return Reading(None, 0, "abstained")
-    if abs(p - 0.5) < min_margin - TIE_TOL or side(p) == 0:
+    direction = side(p)
+    if direction == 0 or abs(p - 0.5) < min_margin - TIE_TOL:
         return Reading(p, 0, "below-margin")
-    return Reading(p, side(p), None)
+    return Reading(p, direction, None)

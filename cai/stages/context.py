@@ -12,7 +12,7 @@ SFT model only when the recipe has an SFT stage).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -139,6 +139,14 @@ class StageContext:
         if key not in self._backends:
             self.console.print(f"[dim]loading {model} ({engine.kind})[/]", highlight=False)
             self._backends[key] = make_backend(engine, model)
+        return self._backends[key]
+
+    def cached_backend(self, key: str, make: Callable[[], Any]) -> Any:
+        """An engine-like object (e.g. a classifier scorer) made on first use under `key`, which
+        starts with its model name; reused and released like the engines."""
+        if key not in self._backends:
+            self.console.print(f"[dim]loading {key.partition('|')[0]}[/]", highlight=False)
+            self._backends[key] = make()
         return self._backends[key]
 
     def release(self, model: str | None = None) -> None:

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from cai.atomic import atomic_write_jsonl
 from cai.chats import COMPARE_ANSWER_TEMPLATE
+from cai.classifier import flag_rate_rows, open_classifier
 from cai.constitution import load_constitution
 from cai.evaluate import RATE_HARM_TEMPLATE, EvalConfig
 from cai.records import MetricRow
@@ -85,6 +86,8 @@ def run_eval(ctx: StageContext, fresh: bool = False) -> StageStore:
         "red_team": load_eval_prompts(cfg.red_team, cfg.limit),
         "helpful": load_eval_prompts(cfg.helpful, cfg.limit),
     }
+    # loaded first: a label index the classifier lacks fails before any answer is generated
+    scorer = open_classifier(ctx, cfg.classifier, "eval.classifier") if cfg.classifier else None
     timer = Timer()
     with store:
         done = {row["row_id"]: row for row in store.rows()}
@@ -119,9 +122,14 @@ def run_eval(ctx: StageContext, fresh: bool = False) -> StageStore:
         before = judge.usage.model_copy()
         rows = evaluate_policies(answers, judge, cfg, prompts, ctx.templates, ctx.config.label)
         ctx.model_calls += 1
+        usage = judge.usage.minus(before)
+        if scorer is not None:
+            before = scorer.usage.model_copy()
+            rows += flag_rate_rows(scorer, answers, prompts, cfg.bootstrap, cfg.seed)
+            usage = usage.plus(scorer.usage.minus(before))
         if pm is not None:
             rows += pm_accuracy_rows(pm.manifest.summary, cfg.bootstrap, cfg.seed)
-        store.commit([], usage=judge.usage.minus(before))
+        store.commit([], usage=usage)
         store.finalize(
             outputs={"metrics.jsonl": lambda path: atomic_write_jsonl(path, rows)},
             summary={"metrics": len(rows), "policies": list(policies), "seconds": round(timer.seconds, 1)},
@@ -174,7 +182,8 @@ def print_metrics(ctx: StageContext, rows: list[MetricRow]) -> None:
 STAGE = Stage(
     name=NAME,
     command="cai eval",
-    help="Compare the run's policies: harmless rate, helpful win rate vs base, refusals, Elo, PM accuracy.",
+    help="Compare the run's policies: harmless rate, helpful win rate vs base, refusals, Elo, PM accuracy "
+    "(and a classifier's flag rate with eval.classifier).",
     reads=("sft", "ppo", "dpo", "rloo", "pm"),
     key=key,
     run=run_eval,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from cai.atomic import atomic_write_json, atomic_write_jsonl
 from cai.backends.base import Backend, Usage
+from cai.classifier import open_classifier
 from cai.export import HubConfig, dataset_card, preference_config, write_card, write_parquet
 from cai.gate import (
     HOW_TO_PROCEED,
@@ -75,6 +76,8 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
     timer = Timer()
     policy, _ = ctx.starting_model(cfg.policy, complete=True)
     items = load_prompts(cfg.prompts)  # bad input fails before the gate loads a model, and before any write
+    if cfg.judge == "classifier":  # a label index the classifier lacks fails before any work
+        open_classifier(ctx, cfg.classifier, "label.classifier")
     gate, gate_usage = run_gate(ctx, store)
     with store:
         if gate is not None and gate_usage is not None:  # measured now: its cost is this stage's
@@ -137,7 +140,10 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
 
 def judge_model(ctx: StageContext) -> str:
     """The model this config judges with: `label.judge_model`, else the run's model."""
-    return ctx.config.label.judge_model or ctx.config.model
+    label = ctx.config.label
+    if label.judge == "classifier" and label.classifier is not None:
+        return label.classifier.model  # what the audit rows name as the judge
+    return label.judge_model or ctx.config.model
 
 
 def judge_examples(ctx: StageContext) -> list:
@@ -151,7 +157,10 @@ def open_judge(ctx: StageContext) -> Backend:
     The one place a judge is opened (the gate, the labels, `cai judge check`): a new kind of
     judge is built here and everything that measures or uses the judge gets it.
     """
-    return ctx.backend(judge_model(ctx), ctx.config.label.judge_engine)
+    label = ctx.config.label
+    if label.judge == "classifier":
+        return open_classifier(ctx, label.classifier, "label.classifier")  # type: ignore[return-value]
+    return ctx.backend(judge_model(ctx), label.judge_engine)
 
 
 def measure_config_judge(

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from cai.backends.base import Chat
+from cai.classifier import acceptability, check_label_index
 from cai.models import quiet_loading
 from cai.records import PreferenceRow
 
@@ -141,6 +142,11 @@ class PreferenceScorer:
     Conversations go through the tokenizer's chat template exactly as RewardTrainer tokenized the
     training pairs; a sequence longer than `max_length` keeps its end (the answer being scored).
     Scoring runs in float32 by default: rewards feed advantages and near-tie comparisons.
+
+    A scalar head (num_labels 1, `label_index` None) is the reward as it is. Any other
+    sequence-classification model needs `label_index`, the label meaning "acceptable"; its reward is
+    the logit-scale acceptability log p / (1 - p) (`cai.classifier.acceptability`). A label index
+    the model lacks fails at load, naming `label_field`.
     """
 
     def __init__(
@@ -150,6 +156,8 @@ class PreferenceScorer:
         dtype: str = "float32",
         batch_size: int = 16,
         max_length: int | None = None,
+        label_index: int | None = None,
+        label_field: str = "label_index",
     ) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -162,8 +170,10 @@ class PreferenceScorer:
         with quiet_loading():
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=False)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                str(model_path), trust_remote_code=False, dtype=getattr(torch, dtype)
+                str(model_path), trust_remote_code=False, use_safetensors=True, dtype=getattr(torch, dtype)
             )
+        check_label_index(self.model.config, label_index, label_field, str(model_path))
+        self.label_index = label_index
         self.model.to(self.device).eval()
         self.pad_token_id = self.model.config.pad_token_id
         if self.pad_token_id is None:
@@ -206,9 +216,9 @@ class PreferenceScorer:
             with torch.inference_mode():
                 logits = self.model(
                     input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
-                ).logits  # (b, 1)
-            for row, i in enumerate(chunk):
-                scores[i] = float(logits[row, 0])
+                ).logits  # (b, C)
+            for i, value in zip(chunk, acceptability(logits, self.label_index).tolist(), strict=True):
+                scores[i] = float(value)
         return scores
 
 

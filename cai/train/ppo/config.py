@@ -62,7 +62,17 @@ class PPOConfig(Section):
     """PPO against the preference model, with a KL penalty to the SFT (reference) model."""
 
     model: str | None = Field(None, description="Policy initialisation; None = the run's SFT model.")
-    reward_model: str | None = Field(None, description="Preference model; None = the run's PM.")
+    reward_model: str | None = Field(
+        None,
+        description="Preference model, or any sequence-classification model (safetensors); None = the "
+        "run's PM.",
+    )
+    reward_label_index: int | None = Field(
+        None,
+        ge=0,
+        description="For a reward_model with several labels: the label meaning 'acceptable'; reward = "
+        "log p / (1 - p) of it. null = a scalar head (a PM), read as it is.",
+    )
     prompts: list[str] = Field(
         default_factory=lambda: ["red_team", "helpful"],
         description="Prompt sources: shipped data names or .jsonl paths (rows with a `prompt`, text or chat)",

@@ -469,7 +469,12 @@ def train_ppo(
             raise ValueError("no reward: set ppo.reward_model or pass the run's preference model")
         from cai.train.pm_metrics import PreferenceScorer
 
-        reward_fn = PreferenceScorer(resolve_model(reward_name)).score
+        scorer = PreferenceScorer(  # a label index the model lacks fails here, before training
+            resolve_model(reward_name),
+            label_index=config.reward_label_index,
+            label_field="ppo.reward_label_index",
+        )
+        reward_fn = scorer.score
     trainer = PPOTrainer(
         config,
         policy=resolve_model(policy_name),
