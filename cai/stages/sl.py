@@ -64,7 +64,9 @@ def make_verifier(ctx: StageContext) -> Verifier | None:
     cfg, label = ctx.config.sl, ctx.config.label
     if cfg.verify == "off":
         return None
-    backend = ctx.backend(label.judge_model or ctx.config.model, label.judge_engine)
+    from cai.stages.label import open_judge
+
+    backend = open_judge(ctx)  # the label judge, whatever its mode
     return Verifier(
         mode=cfg.verify,
         backend=backend,
