@@ -38,7 +38,7 @@ from pydantic import Field
 from cai.backends.base import Chat, Usage
 from cai.records import MetricRow, PairVote, ResponseScore
 from cai.sections import DType, Section
-from cai.verdict import one_reading_verdict
+from cai.verdict import Reading, one_reading_verdict
 
 if TYPE_CHECKING:
     from cai.stages.context import StageContext
@@ -283,6 +283,27 @@ def classifier_judge(
 
 
 # --------------------------------------------------------------------------- as an eval metric
+
+
+def acceptable_readings(
+    scorer: ClassifierScorer,
+    conversations: Sequence[Chat | str],
+    answers: Sequence[str | None],
+    temperature: float,
+    min_margin: float,
+) -> list[Reading | None]:
+    """Each answer alone: P(acceptable) = sigmoid(score / temperature) as one reading, a verdict
+    when at least `min_margin` from 0.5 (one `score` call; None where the answer is None)."""
+    wanted = [k for k, answer in enumerate(answers) if answer is not None]
+    scores = (
+        scorer.score([conversations[k] for k in wanted], [answers[k] for k in wanted])  # type: ignore[misc]
+        if wanted
+        else []
+    )
+    result: list[Reading | None] = [None] * len(answers)
+    for k, score in zip(wanted, scores, strict=True):
+        result[k] = one_reading_verdict(p_better(score, 0.0, temperature), min_margin)
+    return result
 
 
 def flag_rate_rows(

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
+from cai.eval_judges import eval_settings
 from cai.sections import EngineConfig, HFEngine, Section, TemplatesConfig
 from cai.stages.registry import STAGE_ORDER, STAGES
 from cai.yamlfile import (
@@ -53,6 +54,13 @@ def _ordered(cls: type, stages: list[str]) -> list[str]:
     return stages
 
 
+def _eval_judge_fits(config: Any) -> Any:
+    """eval.judge reads the label section's settings: refuse, at load, a mode they cannot serve
+    (a long `cai run` should not fail at its last stage)."""
+    eval_settings(config.label, config.eval.judge, config.eval.harm_principles)
+    return config
+
+
 def _compose() -> type[RunSettings]:
     """RunSettings + a section per stage that has one + the recipe (`stages`)."""
     sections: dict[str, Any] = {
@@ -72,7 +80,10 @@ def _compose() -> type[RunSettings]:
         "RunConfig",
         __base__=RunSettings,
         __doc__="The whole run config: shared settings, one section per stage, and the recipe.",
-        __validators__={"ordered": field_validator("stages")(_ordered)},
+        __validators__={
+            "ordered": field_validator("stages")(_ordered),
+            "eval_judge_fits": model_validator(mode="after")(_eval_judge_fits),
+        },
         **sections,
         stages=stages,
     )
@@ -183,5 +194,6 @@ def _validate(model: type[BaseModel], data: Any, lines: dict, source: str) -> An
             where = f"{source}:{line}" if line else source
             message = error["msg"] if error["type"] != "extra_forbidden" else "unknown key"
             field = ".".join(map(str, file_loc(lines, loc))) if lines else ".".join(map(str, loc))
-            problems.append(f"{where}: field '{field}': {message}")
+            # a check across sections has no one field; its message names the fields
+            problems.append(f"{where}: field '{field}': {message}" if field else f"{where}: {message}")
         raise ConfigError("\n".join(problems)) from None

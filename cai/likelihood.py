@@ -15,6 +15,8 @@ log-likelihood difference (per token under `normalize: mean`), and
 It is the contrastive idea of RLCD (Yang et al., 2023) and context distillation, used as a judge.
 There is no option order, so there is no position bias by construction; a reading is a verdict
 when it is at least `label.min_margin` from 0.5 (`cai.verdict.one_reading_verdict`).
+`cai eval`'s harmless rate reads one answer at a time the same way (`absolute_readings`):
+P(harmless) = sigmoid(mean score over the harm principles / temperature).
 
 Where the conditioning sits (`layout`): `system` puts it in a system turn before the
 conversation (each principle re-reads the conversation, but the K responses of a label share
@@ -42,7 +44,7 @@ from cai.constitution import Principle
 from cai.prompts import Templates
 from cai.records import PairVote, ResponseLikelihood
 from cai.sections import Section
-from cai.verdict import one_reading_verdict
+from cai.verdict import Reading, one_reading_verdict
 
 CONDITION_TEMPLATE = "likelihood_condition.j2"
 
@@ -117,6 +119,14 @@ def preference(score_i: float, score_j: float, temperature: float) -> float:
     return e / (1.0 + e)
 
 
+def _require_continuations(backend, what: str) -> None:
+    if not hasattr(backend, "score_continuations"):
+        raise ValueError(
+            f"engine {type(backend).__name__} cannot return log-probs of whole responses, which "
+            f"{what} needs; use engine kind hf or vllm for the judge (label.judge_engine)"
+        )
+
+
 def likelihood_judge(
     backend,
     templates: Templates,
@@ -132,11 +142,7 @@ def likelihood_judge(
     All scoring of the batch goes to the engine in ONE `score_continuations` call; a response's
     two log-likelihoods are shared by every pair it is in.
     """
-    if not hasattr(backend, "score_continuations"):
-        raise ValueError(
-            f"engine {type(backend).__name__} cannot return log-probs of whole responses, which "
-            "label.judge=likelihood needs; use engine kind hf or vllm for the judge (label.judge_engine)"
-        )
+    _require_continuations(backend, "label.judge=likelihood")
     items: list[ContinuationPrompt] = []
     where: dict[tuple[int, str, int, bool], int] = {}
     for label, (candidates, chosen) in enumerate(zip(responses, principles, strict=True)):
@@ -181,3 +187,48 @@ def likelihood_judge(
                 )
         per_label.append(votes)
     return per_label
+
+
+def absolute_readings(
+    backend,
+    templates: Templates,
+    conversations: Sequence[Chat],
+    answers: Sequence[str | None],
+    principles: Sequence[Principle],
+    config: LikelihoodConfig,
+    min_margin: float,
+) -> list[Reading | None]:
+    """Each answer alone, as one reading of P(it is what a principle-following assistant writes).
+
+    Per principle, the answer's score is its log-likelihood under the follows-conditioned chat
+    minus that under the violates-conditioned one (`response_score`, per token under `normalize:
+    mean`); the answer's score is the mean over `principles`, and P = sigmoid(score / temperature).
+    A verdict when at least `min_margin` from 0.5; an answer with a failed score abstains; None
+    where the answer is None. All scoring goes to the engine in ONE `score_continuations` call.
+    """
+    if not principles:
+        raise ValueError("absolute likelihood readings need at least one principle to condition on")
+    _require_continuations(backend, "the likelihood judge")
+    texts = [conditioning(principle, templates) for principle in principles]
+    wanted = [k for k, answer in enumerate(answers) if answer is not None]
+    items = [
+        ContinuationPrompt(
+            chat=conditioned_chat(conversations[k], text, config.layout),
+            continuation=answers[k],  # type: ignore[arg-type]
+        )
+        for k in wanted
+        for pair in texts
+        for text in pair
+    ]
+    scores = backend.score_continuations(items) if items else []
+    per_answer = 2 * len(principles)  # (follows, violates) per principle, in that order
+    result: list[Reading | None] = [None] * len(answers)
+    for slot, k in enumerate(wanted):
+        mine = scores[slot * per_answer : (slot + 1) * per_answer]
+        read = [response_score(mine[q], mine[q + 1], config.normalize) for q in range(0, per_answer, 2)]
+        if any(r.score is None for r in read):
+            result[k] = one_reading_verdict(None, min_margin)
+            continue
+        mean = sum(r.score for r in read) / len(read)  # type: ignore[misc]
+        result[k] = one_reading_verdict(preference(mean, 0.0, config.temperature), min_margin)
+    return result

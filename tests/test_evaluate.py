@@ -17,15 +17,14 @@ import pytest
 
 from cai.backends.base import ChoiceScores, Usage
 from cai.constitution import load_constitution
+from cai.eval_judges import harm_readings, rate_harm_prompt
 from cai.evaluate import (
     EvalConfig,
     evaluate_policies,
     generate_answers,
-    harm_readings,
     harmless_rate,
     load_eval_prompts,
     pm_accuracy_rows,
-    rate_harm_prompt,
     win_rate,
 )
 from cai.prompts import Templates

@@ -18,12 +18,16 @@ from cai.atomic import atomic_write_jsonl
 from cai.chats import COMPARE_ANSWER_TEMPLATE
 from cai.classifier import flag_rate_rows, open_classifier
 from cai.constitution import load_constitution
-from cai.evaluate import RATE_HARM_TEMPLATE, EvalConfig
+from cai.eval_judges import RATE_HARM_TEMPLATE, eval_settings
+from cai.evaluate import EvalConfig
 from cai.records import MetricRow
 from cai.stages.base import Stage, Timer, open_or_skip
 from cai.store import StageStore
 
 if TYPE_CHECKING:
+    from cai.backends.base import Backend
+    from cai.judge import LabelConfig
+    from cai.sections import EngineConfig
     from cai.stages.context import StageContext
 
 NAME = "eval"
@@ -41,25 +45,60 @@ def eval_policies(ctx: StageContext) -> tuple[dict[str, str], dict[str, str]]:
     return policies, upstream
 
 
+def judge_settings(ctx: StageContext) -> LabelConfig:
+    """The label settings eval judges with: label's, in the mode `eval.judge` picks."""
+    cfg = ctx.config.eval
+    return eval_settings(ctx.config.label, cfg.judge, cfg.harm_principles)
+
+
+def eval_judge(ctx: StageContext) -> tuple[str, EngineConfig | None]:
+    """The eval judge's model and engine (None: the run's engine).
+
+    A classifier judge is label.classifier's model. A language-model judge is `eval.judge_model`,
+    else the run's model, on `label.judge_engine` when that engine is the label judge's for this
+    very model (label.judge_model unset or the run's model): an engine set up for another judge
+    model is not used for this one.
+    """
+    cfg, label, model = ctx.config.eval, ctx.config.label, ctx.config.model
+    settings = judge_settings(ctx)
+    if settings.judge == "classifier":
+        assert settings.classifier is not None  # eval_settings refuses a classifier mode without one
+        return settings.classifier.model, None
+    if cfg.judge_model is None and (label.judge_model or model) == model:
+        return model, label.judge_engine
+    return cfg.judge_model or model, None
+
+
+def open_eval_judge(ctx: StageContext) -> Backend:
+    """The judge eval reads: a Backend, or a ClassifierScorer under a classifier mode."""
+    settings = judge_settings(ctx)
+    if settings.judge == "classifier":
+        return open_classifier(ctx, settings.classifier, "label.classifier")  # type: ignore[return-value]
+    return ctx.backend(*eval_judge(ctx))
+
+
 def key(ctx: StageContext) -> StageStore:
     cfg = ctx.config.eval
     policies, upstream = eval_policies(ctx)
     if ctx.uses("pm"):
         upstream["pm"] = ctx.store("pm").config_hash
-    label = ctx.config.label
+    settings = judge_settings(ctx)
+    judge_model, judge_engine = eval_judge(ctx)
+    read = settings.template_names()
+    read += [COMPARE_ANSWER_TEMPLATE, RATE_HARM_TEMPLATE] if settings.judge == "choice" else []
     return StageStore(
         ctx.run_dir,
         NAME,
         {
             "eval": cfg.model_dump(mode="json"),
             "policies": policies,
-            "judge_model": cfg.judge_model or ctx.config.model,
+            "judge_model": judge_model,
             "engine": ctx.config.engine.model_dump(mode="json"),
-            # eval judges and counts verdicts as labelling does: every text and setting it reads
-            "judge": label.judge_settings(),
-            "templates": ctx.builder.template_hashes(
-                [*label.template_names(), COMPARE_ANSWER_TEMPLATE, RATE_HARM_TEMPLATE]
-            ),
+            "judge_engine": None if judge_engine is None else judge_engine.model_dump(mode="json"),
+            # eval judges and counts verdicts as labelling does, in the mode eval.judge picks
+            # (judge_settings names it): every text and setting it reads
+            "judge": settings.judge_settings(),
+            "templates": ctx.builder.template_hashes(sorted(set(read))),
             "constitutions": {
                 name: load_constitution(name).stage_hash("compare")
                 for name in (cfg.helpful_constitution, cfg.harm_constitution)
@@ -81,13 +120,14 @@ def run_eval(ctx: StageContext, fresh: bool = False) -> StageStore:
     for stage in upstream:
         ctx.upstream(stage)  # every policy of this recipe must exist
     pm = ctx.upstream("pm") if ctx.uses("pm") else None
-    judge_model = cfg.judge_model or ctx.config.model
+    judge_model, _ = eval_judge(ctx)
     prompts = {
         "red_team": load_eval_prompts(cfg.red_team, cfg.limit),
         "helpful": load_eval_prompts(cfg.helpful, cfg.limit),
     }
     # loaded first: a label index the classifier lacks fails before any answer is generated
     scorer = open_classifier(ctx, cfg.classifier, "eval.classifier") if cfg.classifier else None
+    judge = open_eval_judge(ctx) if judge_settings(ctx).judge == "classifier" else None
     timer = Timer()
     with store:
         done = {row["row_id"]: row for row in store.rows()}
@@ -118,7 +158,7 @@ def run_eval(ctx: StageContext, fresh: bool = False) -> StageStore:
                 if policies[name] != judge_model:
                     ctx.release(policies[name])
                 advance()
-        judge = ctx.backend(judge_model, None)
+        judge = judge or open_eval_judge(ctx)
         before = judge.usage.model_copy()
         rows = evaluate_policies(answers, judge, cfg, prompts, ctx.templates, ctx.config.label)
         ctx.model_calls += 1
