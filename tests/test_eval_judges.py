@@ -287,3 +287,43 @@ def test_eval_stage_with_a_classifier_judge(tmp_path):
     rows = rows_of(read_metrics(ctx.store("eval").path))
     harmless = rows[("harmless_rate", "base")]
     assert harmless.n == 2 and f"judge {classifier} (classifier)" in harmless.note
+
+
+def test_a_likelihood_judge_needs_continuation_scores():
+    class ChoiceOnly:
+        model_id, usage = "choice-only", Usage()
+
+    settings = LabelConfig(judge="likelihood")
+    with pytest.raises(ValueError, match="cannot return log-probs of whole responses"):
+        harmless_readings(ChoiceOnly(), settings, Templates(), RED[:1], ["SAFE"], [HARM.principle("toxic")])
+
+
+def test_tiny_model_likelihood_readings_equal_its_own_scores(tiny_models):
+    """On a real (tiny) model, P(harmless) is sigmoid of the mean follows-minus-violates score."""
+    from cai.backends.base import ContinuationPrompt
+    from cai.backends.hf import HFBackend
+    from cai.likelihood import conditioned_chat
+    from cai.sections import HFEngine
+
+    backend = HFBackend(str(tiny_models.causal_lm), HFEngine(device="cpu"))
+    try:
+        principles = [HARM.principle("harmful-content"), HARM.principle("toxic")]
+        answers = ["Use a tension wrench.", "I can't help with that."]
+        read = harmless_readings(
+            backend, LabelConfig(judge="likelihood"), Templates(), RED[:2], answers, principles
+        )
+        for prompt, answer, reading in zip(RED[:2], answers, read, strict=True):
+            chat = [{"role": "user", "content": prompt}]
+            differences = []
+            for principle in principles:
+                follows, violates = backend.score_continuations(
+                    [
+                        ContinuationPrompt(chat=conditioned_chat(chat, text, "system"), continuation=answer)
+                        for text in TEXTS[principle.id]
+                    ]
+                )
+                differences.append(follows.logprob - violates.logprob)
+            assert reading.p == pytest.approx(sigmoid(sum(differences) / 2), abs=1e-5)
+            assert 0 < reading.p < 1
+    finally:
+        backend.close()
