@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from cai.sections import EngineConfig, HFEngine, Section, TemplatesConfig
 from cai.stages.registry import STAGE_ORDER, STAGES
@@ -53,6 +53,19 @@ def _ordered(cls: type, stages: list[str]) -> list[str]:
     return stages
 
 
+def _judge_can_read(config: Any) -> Any:
+    """A judge mode the judge's engine cannot serve fails here, before any stage runs."""
+    label = getattr(config, "label", None)
+    if label is not None and label.judge == "likelihood":
+        kind = (label.judge_engine or config.engine).kind
+        if kind == "openai":
+            raise ValueError(
+                f"label.judge: likelihood needs log-probs of whole responses, which engine {kind!r} does "
+                "not return; use hf or vllm for the judge (label.judge_engine)"
+            )
+    return config
+
+
 def _compose() -> type[RunSettings]:
     """RunSettings + a section per stage that has one + the recipe (`stages`)."""
     sections: dict[str, Any] = {
@@ -72,7 +85,10 @@ def _compose() -> type[RunSettings]:
         "RunConfig",
         __base__=RunSettings,
         __doc__="The whole run config: shared settings, one section per stage, and the recipe.",
-        __validators__={"ordered": field_validator("stages")(_ordered)},
+        __validators__={
+            "ordered": field_validator("stages")(_ordered),
+            "judge_can_read": model_validator(mode="after")(_judge_can_read),
+        },
         **sections,
         stages=stages,
     )
@@ -182,6 +198,9 @@ def _validate(model: type[BaseModel], data: Any, lines: dict, source: str) -> An
             line = line_of(lines, loc)
             where = f"{source}:{line}" if line else source
             message = error["msg"] if error["type"] != "extra_forbidden" else "unknown key"
+            if not loc:  # a rule across sections (RunConfig's own validator) names its fields itself
+                problems.append(f"{where}: {message.removeprefix('Value error, ')}")
+                continue
             field = ".".join(map(str, file_loc(lines, loc))) if lines else ".".join(map(str, loc))
             problems.append(f"{where}: field '{field}': {message}")
         raise ConfigError("\n".join(problems)) from None
