@@ -355,5 +355,9 @@ def test_label_stage_end_to_end_with_a_likelihood_judge(tmp_path, lively_tiny_lm
     print_quality(console, quality, gate)
     shown = console.export_text()
     assert "P ab" not in shown and "shown first" not in shown  # no presentation order to show
-    assert "likelihood" in shown and audits[0].votes[0].principle_id in shown
-    assert "n/a (no option order)" in shown
+    assert "likelihood judge's scores of i and j" in shown and "score i" in shown
+    first = audits[0].votes[0]
+    row = next(line for line in shown.splitlines() if f"{first.i} vs {first.j}" in line)
+    assert first.principle_id in row
+    assert f"{first.likelihood[0].score:.3f}" in row and f"{first.likelihood[1].score:.3f}" in row
+    assert "n/a (no comparison read in both orders)" in shown
