@@ -61,6 +61,19 @@ def _eval_judge_fits(config: Any) -> Any:
     return config
 
 
+def _judge_can_read(config: Any) -> Any:
+    """A judge mode the judge's engine cannot serve fails here, before any stage runs."""
+    label = getattr(config, "label", None)
+    if label is not None and label.judge == "likelihood":
+        kind = (label.judge_engine or config.engine).kind
+        if kind == "openai":
+            raise ValueError(
+                f"label.judge: likelihood needs log-probs of whole responses, which engine {kind!r} does "
+                "not return; use hf or vllm for the judge (label.judge_engine)"
+            )
+    return config
+
+
 def _compose() -> type[RunSettings]:
     """RunSettings + a section per stage that has one + the recipe (`stages`)."""
     sections: dict[str, Any] = {
@@ -83,6 +96,7 @@ def _compose() -> type[RunSettings]:
         __validators__={
             "ordered": field_validator("stages")(_ordered),
             "eval_judge_fits": model_validator(mode="after")(_eval_judge_fits),
+            "judge_can_read": model_validator(mode="after")(_judge_can_read),
         },
         **sections,
         stages=stages,
@@ -193,6 +207,8 @@ def _validate(model: type[BaseModel], data: Any, lines: dict, source: str) -> An
             line = line_of(lines, loc)
             where = f"{source}:{line}" if line else source
             message = error["msg"] if error["type"] != "extra_forbidden" else "unknown key"
+            if not loc:  # a rule across sections (RunConfig's own validator) names its fields itself
+                message = message.removeprefix("Value error, ")
             field = ".".join(map(str, file_loc(lines, loc))) if lines else ".".join(map(str, loc))
             # a check across sections has no one field; its message names the fields
             problems.append(f"{where}: field '{field}': {message}" if field else f"{where}: {message}")

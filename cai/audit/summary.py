@@ -224,7 +224,9 @@ def quality_items(q: JudgeQuality, gate: JudgeCheck | None = None) -> list[tuple
         ),
         (
             "position consistency",
-            f"{pct(q.position_consistency)} ({q.position_consistent}/{q.position_known} comparisons)",
+            f"{pct(q.position_consistency)} ({q.position_consistent}/{q.position_known} comparisons)"
+            if q.position_known
+            else "n/a (no comparison read in both orders)",
         ),
         ("principle agreement (mean)", fmt(q.principle_agreement_mean)),
         (

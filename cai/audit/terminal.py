@@ -34,7 +34,8 @@ def _verdict_cell(vote: VoteView) -> str:
 
 
 def print_label(console: Console, view: LabelView) -> None:
-    """One label: prompt, responses, every reading in both orders, and the derived pairs."""
+    """One label: prompt, responses, every reading (in both orders, or the two responses' scores of
+    an orderless judge), and the derived pairs."""
     from rich.table import Table
     from rich.text import Text
 
@@ -50,23 +51,29 @@ def print_label(console: Console, view: LabelView) -> None:
     console.print(Text("prompt: ") + Text(view.prompt))
     for n, response in enumerate(view.responses):
         console.print(Text(f"  [{n}] ") + Text(excerpt(response, 200) or ""))
+    # likelihood and classifier judges read each response on its own: no presentation order
+    ordered = view.judge == "choice"
+    read = (
+        "with i shown first (ab) and second (ba)"
+        if ordered
+        else f"from the {view.judge} judge's scores of i and j (no presentation order)"
+    )
     votes = Table(
-        title="readings: P(i better) with i shown first (ab) and second (ba); "
-        f"verdict margin {view.min_margin:g}",
-        title_justify="left",
+        title=f"readings: P(i better) {read}; verdict margin {view.min_margin:g}", title_justify="left"
     )
     votes.add_column("principle", no_wrap=True)
-    for column in ("pair", "P ab", "P ba", "combined", "verdict", "reasoning"):
+    readings = ("P ab", "P ba") if ordered else ("score i", "score j")
+    for column in ("pair", *readings, "combined", "verdict", *(["reasoning"] if ordered else [])):
         votes.add_column(column, overflow="fold")
     for v in view.votes:
+        values = (v.p_ab, v.p_ba) if ordered else tuple(v.scores or (None, None))
         votes.add_row(
             Text(v.principle_id),
             f"{v.i} vs {v.j}",
-            fmt(v.p_ab),
-            fmt(v.p_ba),
+            *map(fmt, values),
             "abstained" if v.abstained else fmt(v.combined),
             _verdict_cell(v),
-            Text(v.reasoning or ""),
+            *([Text(v.reasoning or "")] if ordered else []),
         )
     console.print(votes)
     title = f"derived pairs (principle agreement {fmt(view.principle_agreement, 2)})"

@@ -82,6 +82,7 @@ class VoteView(View):
     verdict: int | None
     no_verdict: str | None
     reasoning: str | None
+    scores: list[float | None] | None = None  # orderless judges: the scores of i and j behind `combined`
 
 
 class PairView(View):
@@ -117,6 +118,7 @@ class LabelView(View):
     principle_agreement: float | None
     min_margin: float
     cot: bool
+    judge: str = "choice"
     judge_model_id: str
     votes: list[VoteView]
     pairs: list[PairView]
@@ -151,6 +153,12 @@ def label_view(row: LabelAudit) -> LabelView:
     for vote in row.votes:
         by_order = {o.order: o for o in vote.orders}
         reasoning = next((o.reasoning for o in vote.orders if o.reasoning), None)
+        if vote.likelihood is not None:
+            scores: list[float | None] | None = [r.score for r in vote.likelihood]
+        elif vote.classifier_scores is not None:
+            scores = [s.score for s in vote.classifier_scores]
+        else:
+            scores = None
         votes.append(
             VoteView(
                 principle_id=vote.principle_id,
@@ -165,6 +173,7 @@ def label_view(row: LabelAudit) -> LabelView:
                 verdict=vote.verdict,
                 no_verdict=vote.no_verdict,
                 reasoning=excerpt(reasoning),
+                scores=scores,
             )
         )
     pairs = pair_views(row)
@@ -181,6 +190,7 @@ def label_view(row: LabelAudit) -> LabelView:
         principle_agreement=row.principle_agreement,
         min_margin=row.min_margin,
         cot=row.cot,
+        judge=row.judge,
         judge_model_id=row.judge_model_id,
         votes=votes,
         pairs=pairs,

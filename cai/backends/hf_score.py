@@ -117,7 +117,11 @@ class ScoringMixin:
         by_prompt: dict[tuple[int, ...], list[_ScoreJob]] = {}
         for index, (prompt, tail) in encoded.items():
             by_prompt.setdefault(tuple(prompt), []).append(_ScoreJob(index, 0, prompt + tail, len(tail)))
-        shared = [g for p, g in by_prompt.items() if len(g) > 1 and len(p) > MIN_SHARED_PREFIX]
+        shared = [
+            g
+            for p, g in by_prompt.items()
+            if self.config.prefix_reuse and len(g) > 1 and len(p) > MIN_SHARED_PREFIX
+        ]
         alone = sorted(
             (j for g in by_prompt.values() if g not in shared for j in g), key=lambda j: len(j.tokens)
         )
