@@ -1,6 +1,12 @@
 """Labelling cost of a 16-principle ensemble vs a single principle, on hf (and vllm if installed).
 
     HF_HUB_OFFLINE=1 python benchmarks/label.py [--labels 8 --response-tokens 96]
+    HF_HUB_OFFLINE=1 python benchmarks/label.py --judge likelihood   # time and tokens at 1, 4, 16
+
+With `--judge likelihood` (or `both`) it prints, for the likelihood judge in both layouts, the
+time and the tokens computed at 1, 4 and 16 principles, beside the floor: the tokens of every
+distinct prefix of the scored sequences (a trie over them), i.e. each shared part computed
+once. Target: within 1.1x of the floor at 16 principles for the chosen layout (system).
 
 The same labels (prompt + two fixed responses each) are judged by `cai.judge.judge`, both
 orders, under 1 principle and under 16 principles of the shipped harmless constitution. The
@@ -70,6 +76,53 @@ def measure(backend, conversations, responses, n_principles: int, repeats: int =
     return best, computed
 
 
+def trie_floor(token_lists) -> int:
+    """Tokens an engine must compute when every shared prefix is computed once: trie nodes."""
+    root: dict = {}
+    nodes = 0
+    for tokens in token_lists:
+        node = root
+        for token in tokens:
+            if token not in node:
+                node[token] = {}
+                nodes += 1
+            node = node[token]
+    return nodes
+
+
+def likelihood_rows(backend, conversations, responses, counts=(1, 4, 16)) -> None:
+    """Time, computed tokens and the floor of the likelihood judge at 1, 4 and 16 principles."""
+    from cai.chats import ChatBuilder
+    from cai.constitution import load_constitution
+    from cai.judge import LabelConfig, judge
+    from cai.likelihood import conditioned_chat, conditioning
+    from cai.prompts import Templates
+
+    constitution = load_constitution("harmless")
+    templates = Templates()
+    builder = ChatBuilder(templates, constitution)
+    print(f"{'layout':8}{'principles':>11}{'s':>8}{'computed':>10}{'floor':>9}{'ratio':>7}")
+    for layout in ("system", "after"):
+        config = LabelConfig(judge="likelihood", likelihood={"layout": layout})
+        for count in counts:
+            chosen = constitution.select(stages=["compare"])[:count]
+            sequences = []
+            for conversation, candidates in zip(conversations, responses, strict=True):
+                for principle in chosen:
+                    for text in conditioning(principle, templates):
+                        prompt = backend.encode_chat(conditioned_chat(conversation, text, layout), "")
+                        for response in candidates:
+                            tail = backend.tokenizer(response, add_special_tokens=False)["input_ids"]
+                            sequences.append(prompt + tail)
+            floor = trie_floor(sequences)
+            before = backend.usage.scored_tokens
+            started = time.perf_counter()
+            judge(backend, builder, conversations, responses, [chosen] * len(conversations), config)
+            seconds = time.perf_counter() - started
+            computed = backend.usage.scored_tokens - before
+            print(f"{layout:8}{count:>11}{seconds:>8.2f}{computed:>10}{floor:>9}{computed / floor:>7.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--labels", type=int, default=8)
@@ -77,12 +130,21 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (1, 16); each keeps its best")
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--judge", choices=["choice", "likelihood", "both"], default="both")
     args = parser.parse_args()
 
     from cai.backends.hf import HFBackend
     from cai.sections import HFEngine, VLLMEngine
 
     conversations, responses = labels(args.labels, args.response_tokens)
+    if args.judge in ("likelihood", "both"):
+        print(f"\nlikelihood judge (hf): {args.labels} labels x 2 responses, ~{args.response_tokens} tokens")
+        backend = HFBackend(args.model, HFEngine())
+        likelihood_rows(backend, conversations[:1], responses[:1], counts=(1,))  # load + warm up
+        likelihood_rows(backend, conversations, responses)
+        backend.close()
+        if args.judge == "likelihood":
+            return
     engines = [("hf", lambda: HFBackend(args.model, HFEngine()))]
     engines.append(("hf, no prefix reuse", lambda: HFBackend(args.model, HFEngine(prefix_reuse=False))))
     if have_vllm() and not args.skip_vllm:
