@@ -11,10 +11,22 @@ on re-running a judge.
 
 * `rows`: loading rows and the judge gate from a file, a stage folder or a run directory;
 * `views`: one label as a reviewer reads it, and filters;
+* `conflicts`: how often two principles (or groups) gave opposite verdicts on the same pair;
 * `summary`: influence, contested pairs, judge quality, and `summarize` -> `AuditSummary`, the
   one typed summary that the terminal (`terminal`) and the HTML report (`cai.report`) render.
 """
 
+from cai.audit.conflicts import (
+    MIN_SHARED,
+    ConflictCell,
+    ConflictTable,
+    Observation,
+    UnitContest,
+    conflict_notes,
+    conflict_table,
+    group_conflicts,
+    principle_conflicts,
+)
 from cai.audit.rows import AUDIT_FILE, LABEL_STAGE, audit_file, load_audit, load_gate
 from cai.audit.summary import (
     AuditSummary,
@@ -31,6 +43,7 @@ from cai.audit.summary import (
     summarize,
 )
 from cai.audit.terminal import (
+    print_conflicts,
     print_contested,
     print_influence,
     print_label,
@@ -42,22 +55,32 @@ from cai.audit.views import LabelView, PairView, VoteView, filter_labels, label_
 __all__ = [
     "AUDIT_FILE",
     "LABEL_STAGE",
+    "MIN_SHARED",
     "AuditSummary",
+    "ConflictCell",
+    "ConflictTable",
     "ContestedPair",
     "JudgeQuality",
     "LabelView",
+    "Observation",
     "PairView",
     "PrincipleInfluence",
+    "UnitContest",
     "VoteView",
     "audit_file",
+    "conflict_notes",
+    "conflict_table",
     "contested_labels",
     "filter_labels",
     "gold_item",
+    "group_conflicts",
     "judge_quality",
     "label_view",
     "load_audit",
     "load_gate",
+    "principle_conflicts",
     "principle_influence",
+    "print_conflicts",
     "print_contested",
     "print_influence",
     "print_label",

@@ -1,6 +1,7 @@
 """The run-level figures of an audit: principle influence, contested pairs, judge quality.
 
-`summarize` gathers them, with the judge gate, into one typed `AuditSummary` that the terminal
+`summarize` gathers them, with the judge gate and the principle-by-principle disagreement
+(`cai.audit.conflicts`), into one typed `AuditSummary` that the terminal
 (`cai audit`) and the HTML report only render: both say the same things in the same words.
 Influence and agreement count verdicts only; **position consistency** of one (principle, pair)
 reading is recorded by the judge, and readings where an order abstained are left out of it.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+from cai.audit.conflicts import ConflictTable, group_conflicts, principle_conflicts
 from cai.audit.views import LabelView, PairView, View, decisive_ids, label_view, pair_views
 from cai.gate import JudgeCheck
 from cai.records import LabelAudit
@@ -258,6 +260,8 @@ class AuditSummary(View):
     provenance: list[tuple[str, str]]
     influence: list[PrincipleInfluence]
     contested: list[ContestedPair]
+    conflicts: ConflictTable
+    group_conflicts: ConflictTable | None  # None: no vote names a group (a single-group run)
     labels: list[LabelView]
     gate: JudgeCheck | None
     gate_failures: list[str]
@@ -286,6 +290,8 @@ def summarize(
         provenance=provenance,
         influence=principle_influence(rows),
         contested=contested_labels(rows),
+        conflicts=principle_conflicts(rows),
+        group_conflicts=group_conflicts(rows),
         labels=[label_view(row) for row in rows],
         gate=gate,
         gate_failures=list(gate_failures),

@@ -1,6 +1,8 @@
 """`cai audit` in a terminal: rich tables, never markup from data, every principle id whole.
 
 Below `NARROW` columns, tables whose cells list principle ids print one block per row instead.
+The disagreement matrix (`print_conflicts`) prints only when it fits the console; otherwise the
+pairs print as a sorted list.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from cai.audit.conflicts import ConflictCell, ConflictTable, conflict_notes
 from cai.audit.summary import (
     AuditSummary,
     ContestedPair,
@@ -216,3 +219,78 @@ def print_quality(
     console.print(table)
     for warning in quality_warnings(quality, failures):
         console.print(f"[bold yellow]note[/] {warning}", highlight=False)
+
+
+TOP = 10
+"""Most contested units and pairs listed at most (the matrix, when it fits, shows every pair)."""
+
+
+def _rate_cell(cell: ConflictCell | None, min_n: int) -> str:
+    """A rate only from `min_n` shared verdicts up; below, only n; nothing when none were shared."""
+    if cell is None:
+        return "·"
+    if cell.n == 0:
+        return ""
+    if cell.n < min_n or cell.rate is None:
+        return f"– n{cell.n}"
+    return f"{cell.rate:.0%} n{cell.n}"
+
+
+def _conflict_matrix(console: Console, table: ConflictTable) -> bool:
+    """The symmetric matrix of rates with n, when it fits the console; False when it does not."""
+    from rich.table import Table
+    from rich.text import Text
+
+    units = table.units
+    rows = [[_rate_cell(table.cell(a, b), table.min_n) for b in units] for a in units]
+    widths = [max(len(str(len(units))), 1), max(len(u) for u in units)]
+    widths += [max(len(str(n + 1)), *(len(r[n]) for r in rows)) for n in range(len(units))]
+    if sum(w + 2 for w in widths) > console.width:
+        return False
+    matrix = Table(box=None, padding=(0, 1), show_edge=False)
+    matrix.add_column("", justify="right", no_wrap=True)
+    matrix.add_column(table.kind, no_wrap=True)
+    for n in range(len(units)):
+        matrix.add_column(str(n + 1), justify="right", no_wrap=True)
+    for n, (unit, cells) in enumerate(zip(units, rows, strict=True)):
+        matrix.add_row(str(n + 1), Text(unit), *cells)
+    console.print(matrix)
+    return True
+
+
+def print_conflicts(console: Console, table: ConflictTable, top: int = TOP) -> None:
+    """How often two principles (or groups) gave opposite verdicts on the same pair of responses."""
+    from rich.text import Text
+
+    kind = table.kind
+    console.print(
+        Text(
+            f"contested {kind}s: how often two {kind}s' verdicts on the same pair of responses "
+            f"disagreed (n: pairs both gave a verdict on)",
+            style="italic",
+        )
+    )
+    if len(table.units) >= 2 and _conflict_matrix(console, table):
+        console.print(
+            Text(f"  columns are the numbered rows; '– nN': fewer than {table.min_n} shared verdicts")
+        )
+    if table.most_contested_units:
+        console.print(Text(f"most contested {kind}s (against all others, n >= {table.min_n}):"))
+        for u in table.most_contested_units[:top]:
+            console.print(
+                Text(f"  {pct(u.rate):>6}  {u.disagreements} of {u.n} shared verdicts  ") + Text(u.unit)
+            )
+    pairs = table.most_contested_pairs
+    if pairs:
+        console.print(Text(f"most contested pairs of {kind}s (n >= {table.min_n}):"))
+        for c in pairs[:top]:
+            console.print(
+                Text(f"  {pct(c.rate):>6}  {c.disagreements} of {c.n} shared verdicts  ")
+                + Text(c.a)
+                + Text(" × ")
+                + Text(c.b)
+            )
+        if len(pairs) > top:
+            console.print(Text(f"  … and {len(pairs) - top} more"))
+    for note in conflict_notes(table):
+        console.print(Text.assemble(("note ", "bold yellow"), note))

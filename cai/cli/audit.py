@@ -33,6 +33,13 @@ def audit(
     constitution: Annotated[str, typer.Option(help="Constitution for tags (default: the run's).")] = "",
     html: Annotated[Path | None, typer.Option(help="Also write an HTML report of the selection.")] = None,
     limit: Annotated[int, typer.Option(help="Labels shown in full at most.")] = 5,
+    conflicts: Annotated[
+        bool,
+        typer.Option(
+            "--conflicts",
+            help="Show only how often two principles (and groups) gave opposite verdicts on the same pairs.",
+        ),
+    ] = False,
 ) -> None:
     """Which principle shaped each label: readings in both orders, verdicts, decisive principles."""
     from cai.audit import (
@@ -40,6 +47,7 @@ def audit(
         label_view,
         load_audit,
         load_gate,
+        print_conflicts,
         print_label,
         print_summary,
         summarize,
@@ -74,9 +82,14 @@ def audit(
         print_label(console, label_view(matches[0]))
         return
     summary = summarize(selected, gate, failures)
-    print_summary(console, summary, cons)
-    for row in selected[:limit] if (principle or tag or contested is not None) else []:
-        print_label(console, label_view(row))
+    if conflicts:
+        print_conflicts(console, summary.conflicts)
+        if summary.group_conflicts is not None:
+            print_conflicts(console, summary.group_conflicts)
+    else:
+        print_summary(console, summary, cons)
+        for row in selected[:limit] if (principle or tag or contested is not None) else []:
+            print_label(console, label_view(row))
     if html is not None:
         from cai.report import write_report
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cai.audit import AuditSummary, ContestedPair, LabelView, PrincipleInfluence
 from cai.records import MetricRow
+from cai.report.heatmap import conflicts_section
 from cai.report.html import CSS, ci, cut, e, fmt, not_run, pct, table
 from cai.report.plots import (
     PPO_KEYS,
@@ -45,6 +46,7 @@ SECTIONS = {
     "soft-labels": "Soft labels",
     "position": "Position consistency",
     "contested": "Contested labels",
+    "conflicts": "Contested principles",
     "ppo": "PPO training",
     "eval": "Evaluation",
     "pm": "Preference model",
@@ -366,6 +368,7 @@ def write_report(
             "position consistency per principle",
         )
         sections["contested"] = _contested_section(audit.contested)
+        sections["conflicts"] = conflicts_section(audit.conflicts, audit.group_conflicts)
         shown = audit.labels[:max_labels]
         more = (
             f'<p class="meta">showing {len(shown)} of {len(audit.labels)} labels</p>'
@@ -375,7 +378,7 @@ def write_report(
         sections["labels"] = more + "".join(_label_block(view) for view in shown)
     else:
         sections["gate"] = not_run("no label stage")
-        for key in ("judge", "influence", "soft-labels", "position", "contested", "labels"):
+        for key in ("judge", "influence", "soft-labels", "position", "contested", "conflicts", "labels"):
             sections[key] = not_run("no label audit rows")
     sections["ppo"] = _ppo_section(ppo_history)
     sections["eval"] = _eval_section(eval_rows)

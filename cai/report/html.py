@@ -38,6 +38,9 @@ th{background:#eef1f5;font-weight:600}td.num{text-align:right;font-variant-numer
   border-radius:6px;font-size:15px}.banner b{color:#b3261e}
 .text{white-space:pre-wrap;word-break:break-word}
 ol.responses{margin:4px 0 6px 0;padding-left:28px}
+table.heatmap td.hm{min-width:56px;text-align:center;font-variant-numeric:tabular-nums;vertical-align:middle}
+table.heatmap td.self{background:#eef1f5}table.heatmap td.few{background:#f1f1f1;color:#5b6573}
+table.heatmap .n{font-size:11px;color:#5b6573}table.heatmap th.unit{white-space:nowrap}
 """
 
 
