@@ -162,6 +162,15 @@ def test_content_reads_right(report):
     assert "<td>gold agreement (95% CI)</td><td>0.72 [0.61, 0.82] on 64 pairs</td>" in page
     assert "<td>evasive</td>" in page and "Gate passed." in page
     assert 'class="banner"' not in page  # the gate passed and 9 of 10 labels have verdicts
+    # contested principles: illegal and privacy gave opposite verdicts on 2 of their 3 shared pairs
+    assert page.count('<table class="heatmap"') == 1  # principles only: no vote names a group
+    assert (
+        '<td>illegal</td><td>privacy</td><td>66.7%</td><td class="num">2</td><td class="num">3</td>' in page
+    )
+    assert (
+        'title="illegal × privacy: 2 of 3 shared verdicts disagreed">66.7%<br><span class="n">n=3</span>'
+        in page
+    )
 
 
 def test_missing_sections_say_not_run(tmp_path):
@@ -313,6 +322,28 @@ def test_banner_renders_at_the_top_in_headless_chromium(tmp_path):
     calm, _ = render(page, calm_dir)
     calm_pixels = (imread(calm)[..., :3] * 255).round().astype(np.uint8)
     assert near(calm_pixels[:500], BANNER_RED, tolerance=8) < 200  # no banner, no red block
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)"
+)
+def test_heatmap_renders_in_headless_chromium(report, tmp_path):
+    """Chromium parses the heatmap into a 5 x 5 grid: its DOM has every cell, n included."""
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", report.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    dom = result.stdout
+    grid = dom[dom.index('<table class="heatmap"') :]
+    grid = grid[: grid.index("</table>")]
+    assert grid.count("<tr>") == 6  # the header row and one row per principle
+    assert grid.count('<td class="hm') == 25
+    assert grid.count('<td class="hm self"></td>') == 5
+    assert grid.count(">n=3<") == 4  # illegal x privacy and violence x privacy, both ways
+    assert grid.count('<td class="hm"></td>') == 8  # misinformation never gave a verdict: n = 0
+    assert '<th class="unit">2 · illegal</th>' in grid
 
 
 @pytest.mark.skipif(
