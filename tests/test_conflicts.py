@@ -367,3 +367,4 @@ def test_report_heatmap_small_and_empty_cells(rows, tmp_path):
     ).read_text()  # L4: only p3 gave a verdict
     assert cell_html(none, "p1", 2) == '<td class="hm"></td>'
     assert "no two principles share 3 or more verdicts" in none
+    assert "p1, p2, p3 shared no verdict with any other principle" in none

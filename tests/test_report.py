@@ -344,6 +344,7 @@ def test_heatmap_renders_in_headless_chromium(report, tmp_path):
     assert grid.count(">n=3<") == 4  # illegal x privacy and violence x privacy, both ways
     assert grid.count('<td class="hm"></td>') == 8  # misinformation never gave a verdict: n = 0
     assert '<th class="unit">2 · illegal</th>' in grid
+    assert "misinformation shared no verdict with any other principle" in dom
 
 
 @pytest.mark.skipif(

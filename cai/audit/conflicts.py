@@ -195,6 +195,9 @@ def conflict_notes(table: ConflictTable) -> list[str]:
             f"no two {name} share {table.min_n} or more verdicts: too few shared verdicts to call "
             "any of them contested"
         )
+    alone = [u for u in table.units if not any(c.n for c in table.cells if u in (c.a, c.b))]
+    if alone:
+        notes.append(f"{', '.join(alone)} shared no verdict with any other {table.kind}")
     if table.few:
         notes.append(
             f"{len(table.few)} pair(s) of {name} share fewer than {table.min_n} verdicts: too few "
