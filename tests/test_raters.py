@@ -240,3 +240,11 @@ def test_stage_with_raters_reports_the_split(tmp_path: Path, rated: Path) -> Non
     assert sorted(s["n"] for s in splits) == [1, 3]
     card = (store.path / "README.md").read_text()
     assert "6 ratings -> 3 pairs by weighted_majority: 1 unanimous, 1 split, 1 ties dropped" in card
+
+
+def test_the_readme_example_is_a_valid_source() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in readme.split("```yaml\n")[1:] if "rater_column" in b.split("```")[0])
+    (entry,) = yaml.safe_load(block.split("```")[0])["mix"]["human"]
+    spec = PreferenceSource.model_validate(entry)
+    assert (spec.rater_column, spec.raters_rule, spec.rater_weights) == ("annotator", "soft", {"a7": 2.0})
