@@ -76,7 +76,9 @@ class PreferenceSource(Section):
 
     @model_validator(mode="after")
     def _raters_need_a_column(self) -> PreferenceSource:
-        if self.rater_column is None and ({"rater_weights", "raters_rule"} & self.model_fields_set):
+        # Values, not fields set: `--set` re-validates a dump with every default filled in.
+        voting = self.rater_weights is not None or self.raters_rule != "weighted_majority"
+        if self.rater_column is None and voting:
             raise ValueError("rater_weights and raters_rule need rater_column (the field naming the rater)")
         return self
 

@@ -248,3 +248,24 @@ def test_the_readme_example_is_a_valid_source() -> None:
     (entry,) = yaml.safe_load(block.split("```")[0])["mix"]["human"]
     spec = PreferenceSource.model_validate(entry)
     assert (spec.rater_column, spec.raters_rule, spec.rater_weights) == ("annotator", "soft", {"a7": 2.0})
+
+
+def test_cli_errors_name_the_file_line_and_field(tmp_path: Path, rated: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    run_mix(tmp_path, [{"path": str(rated), "format": "jsonl"}])  # a finished label stage
+    missing = write_jsonl(tmp_path / "h.jsonl", [*RATINGS[:2], rating("px", "A", "B", None)])
+
+    def mix(path: Path, *sets: str) -> str:
+        args = ["mix", "-c", str(tmp_path / "c.yaml")]
+        args += [a for s in (f"mix.human.0.path={path}", *sets) for a in ("--set", s)]
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+        assert result.exit_code == 1, result.output
+        return " ".join(result.output.split())
+
+    assert "h.jsonl:3: no rater in field 'rater'" in mix(missing, "mix.human.0.rater_column=rater")
+    unknown = mix(rated, "mix.human.0.rater_column=rater", "mix.human.0.rater_weights={r4: 2}")
+    assert "config error" in unknown and "['r4']" in unknown and "r1, r2, r3" in unknown
+    assert "need rater_column" in mix(rated, "mix.human.0.raters_rule=soft")
