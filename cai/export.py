@@ -172,6 +172,8 @@ def preference_config(rows: int, sources: str) -> HubConfig:
             "weight / contested": "training weight and whether principles' verdicts disagreed",
             "verdict": "whether any principle gave a verdict on the pair (null for human rows)",
             "label_id": "joins the label stage's `audit` config (null for human rows)",
+            "raters": "human pairs rated several times (`rater_column`): n ratings, how many were for "
+            "chosen and against, and their summed weights (null otherwise)",
         },
     )
 

@@ -6,6 +6,8 @@ Constitutional AI trains its preference model on AI-labelled harmlessness compar
 with* human-labelled helpfulness comparisons; without the human half the PM learns that the
 safest answer is always the evasive one. The human half comes from `cai.preferences`' loaders
 (one config entry each, `PreferenceSource`); `mix` takes exact counts or ratios of each group.
+A source with a `rater_column` holds several ratings per pair; `cai.raters` votes them into one
+row per pair.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from cai.preferences import LoadReport, PreferenceDataError, load_hh, load_jsonl, load_trl_preferences
+from cai.raters import RatersRule, RaterSummary, aggregate_ratings, check_weights
 from cai.records import PreferenceRow
 from cai.sections import Section
 
@@ -44,7 +47,40 @@ class PreferenceSource(Section):
         description="Written to each row's `source` column (for jsonl, only rows without one unless set).",
     )
     split: str = Field("train", description="Split of a datasets folder holding a DatasetDict (trl only).")
-    limit: int | None = Field(None, ge=0, description="Keep at most this many rows (the first ones).")
+    limit: int | None = Field(
+        None, ge=0, description="Keep at most this many rows (the first ones; with rater_column, pairs)."
+    )
+    rater_column: str | None = Field(
+        None,
+        min_length=1,
+        description="Field naming each rating's rater or group: ratings of one pair (same prompt, same "
+        "two responses either way round) become one row by raters_rule. None: each line is a row.",
+    )
+    rater_weights: dict[str, float] | None = Field(
+        None, description="Weight per rater id (unlisted raters weigh 1); each must be a rater of the file."
+    )
+    raters_rule: RatersRule = Field(
+        "weighted_majority",
+        description="weighted_majority: the side with more rater weight is chosen (a hard label); soft: "
+        "the same side, with soft_label = its share of the weight and margin = logit of that. A tie is "
+        "no consensus: the pair is dropped and counted.",
+    )
+
+    @field_validator("rater_weights")
+    @classmethod
+    def _positive(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        bad = {k: w for k, w in (weights or {}).items() if not (math.isfinite(w) and w > 0)}
+        if bad:
+            raise ValueError(f"rater weights must be positive and finite: {bad}")
+        return weights
+
+    @model_validator(mode="after")
+    def _raters_need_a_column(self) -> PreferenceSource:
+        # Values, not fields set: `--set` re-validates a dump with every default filled in.
+        voting = self.rater_weights is not None or self.raters_rule != "weighted_majority"
+        if self.rater_column is None and voting:
+            raise ValueError("rater_weights and raters_rule need rater_column (the field naming the rater)")
+        return self
 
     def resolved_path(self) -> Path:
         """A real path wins, so a user's own file is never shadowed by a shipped one."""
@@ -54,22 +90,40 @@ class PreferenceSource(Section):
 
 
 def load_preferences(spec: PreferenceSource) -> tuple[list[PreferenceRow], LoadReport]:
-    """Load one config entry with the loader its `format` names.
+    """Load one config entry with the loader its `format` names (see `load_source`)."""
+    rows, report, _ = load_source(spec)
+    return rows, report
+
+
+def load_source(spec: PreferenceSource) -> tuple[list[PreferenceRow], LoadReport, RaterSummary | None]:
+    """Load one config entry, voting its ratings into pairs when it has a `rater_column`.
 
     Loaders skip (and count) bad rows; a source that yields no usable pair at all is an error,
     because a mix silently missing its human half trains a PM that prefers evasive answers.
     """
     path = spec.resolved_path()
+    column = spec.rater_column
+    limit = spec.limit if column is None else None  # with raters, the limit counts pairs
     if spec.format == "hh":
-        rows, report = load_hh(path, spec.source, spec.limit)
+        rows, report = load_hh(path, spec.source, limit, rater_column=column)
     elif spec.format == "trl":
-        rows, report = load_trl_preferences(path, spec.source, spec.split, spec.limit)
+        rows, report = load_trl_preferences(path, spec.source, spec.split, limit, rater_column=column)
     else:
         keep = "source" not in spec.model_fields_set
-        rows, report = load_jsonl(path, spec.source, spec.limit, keep_row_source=keep)
+        rows, report = load_jsonl(path, spec.source, limit, keep_row_source=keep, rater_column=column)
     if not rows and spec.limit != 0:
         raise PreferenceDataError(_nothing_usable(path, spec, report))
-    return rows, report
+    if column is None:
+        return rows, report, None
+    check_weights(spec.rater_weights, report.raters, f"mix.human entry {spec.path!r} ({path})")
+    rows, summary = aggregate_ratings(
+        rows, report.raters, report.rater_lines, spec.raters_rule, spec.rater_weights
+    )
+    if not rows and spec.limit != 0:
+        raise PreferenceDataError(f"{path}: every rated pair is a tie ({summary.line()})")
+    rows = rows[: spec.limit]
+    summary.rows = len(rows)
+    return rows, report, summary
 
 
 def _nothing_usable(path: Path, spec: PreferenceSource, report: LoadReport) -> str:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 MAX_PROBLEMS = 20
 """A report keeps this many problem lines: enough to see a pattern, not a copy of a bad file."""
 
-OPTIONAL_FIELDS = ("label_id", "soft_label", "margin", "weight", "contested", "verdict")
+OPTIONAL_FIELDS = ("label_id", "soft_label", "margin", "weight", "contested", "verdict", "raters")
 """PreferenceRow fields a JSONL or TRL row may carry through (e.g. our own exported rows)."""
 
 
@@ -147,6 +147,10 @@ class LoadReport(BaseModel):
         default_factory=list, description=f"First {MAX_PROBLEMS}: 'file:line: reason'."
     )
     stopped: str | None = Field(None, description="Where reading stopped before the end, and why.")
+    # With a rater_column: the rater of each kept row and where it was, in row order. Left out
+    # of dumps, so a stage summary is what it was before raters existed.
+    raters: list[str] = Field(default_factory=list, exclude=True)
+    rater_lines: list[str] = Field(default_factory=list, exclude=True)
 
     def problem(self, where: int | str, reason: str) -> None:
         """Count one bad row; remember its location while there is room."""
@@ -260,8 +264,13 @@ def _collect(
     limit: int | None,
     own_source: bool = False,
     convert: Callable[[Mapping[str, Any], str], PreferenceRow] = _row_from_example,
+    rater_column: str | None = None,
 ) -> list[PreferenceRow]:
-    """Convert each item, counting (never raising on) the ones that do not fit."""
+    """Convert each item, counting (never raising on) the ones that do not fit.
+
+    With `rater_column`, a pair without a rater is an error, not a skipped row: the file's
+    ratings are then votes, and a vote silently dropped could change which side wins.
+    """
     rows: list[PreferenceRow] = []
     for where, example in items:
         if limit is not None and len(rows) >= limit:
@@ -273,14 +282,30 @@ def _collect(
             example.get("source") if own_source and isinstance(example.get("source"), str) else source
         )
         try:
-            rows.append(convert(example, row_source))
+            row = convert(example, row_source)
         except (HHParseError, ValidationError) as err:
             reason = (
                 str(err) if isinstance(err, HHParseError) else f"invalid field ({err.errors()[0]['msg']})"
             )
             report.problem(where, reason)
+            continue
+        if rater_column is not None:
+            report.raters.append(_rater(example, rater_column, f"{report.path}:{where}"))
+            report.rater_lines.append(f"{report.path}:{where}")
+        rows.append(row)
     report.rows = len(rows)
     return rows
+
+
+def _rater(example: Mapping[str, Any], column: str, where: str) -> str:
+    value = example.get(column)
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        got = "it is missing" if value is None else f"got {value!r}"
+        raise PreferenceDataError(
+            f"{where}: no rater in field {column!r} ({got}); with rater_column every pair needs a "
+            "rater or group id (a string or an integer)"
+        )
+    return str(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,16 +314,24 @@ def _collect(
 
 
 def load_hh(
-    path: Path, source: str = "human-helpful", limit: int | None = None
+    path: Path, source: str = "human-helpful", limit: int | None = None, rater_column: str | None = None
 ) -> tuple[list[PreferenceRow], LoadReport]:
-    """Anthropic HH-RLHF `.jsonl` / `.jsonl.gz` -> rows, plus a report of the lines skipped."""
+    """Anthropic HH-RLHF `.jsonl` / `.jsonl.gz` -> rows, plus a report of the lines skipped.
+
+    With `rater_column` the report lists each row's rater (`LoadReport.raters`), as do the others.
+    """
     path = _existing(path)
     report = LoadReport(path=str(path))
-    return _collect(_json_lines(path, report), report, source, limit, convert=_hh_example), report
+    items = _json_lines(path, report)
+    return _collect(items, report, source, limit, convert=_hh_example, rater_column=rater_column), report
 
 
 def load_jsonl(
-    path: Path, source: str = "human-helpful", limit: int | None = None, keep_row_source: bool = True
+    path: Path,
+    source: str = "human-helpful",
+    limit: int | None = None,
+    keep_row_source: bool = True,
+    rater_column: str | None = None,
 ) -> tuple[list[PreferenceRow], LoadReport]:
     """One preference per line, in any accepted shape; extra PreferenceRow fields are kept.
 
@@ -307,7 +340,8 @@ def load_jsonl(
     """
     path = _existing(path)
     report = LoadReport(path=str(path))
-    return _collect(_json_lines(path, report), report, source, limit, keep_row_source), report
+    items = _json_lines(path, report)
+    return _collect(items, report, source, limit, keep_row_source, rater_column=rater_column), report
 
 
 def _read_dataset(path: Path, split: str) -> datasets.Dataset:
@@ -329,7 +363,7 @@ def _read_dataset(path: Path, split: str) -> datasets.Dataset:
 
 
 def load_trl_preferences(
-    path: Path, source: str, split: str = "train", limit: int | None = None
+    path: Path, source: str, split: str = "train", limit: int | None = None, rater_column: str | None = None
 ) -> tuple[list[PreferenceRow], LoadReport]:
     """A TRL preference dataset (explicit or implicit prompt, strings or conversations) -> rows.
 
@@ -345,7 +379,7 @@ def load_trl_preferences(
         problem = f"{type(exc).__name__}: {exc}"
         raise PreferenceDataError(f"{path}: not a readable TRL preference dataset ({problem})") from exc
     items = ((f"row {i}", example) for i, example in enumerate(dataset))
-    return _collect(items, report, source, limit), report
+    return _collect(items, report, source, limit, rater_column=rater_column), report
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +411,7 @@ def to_dataset(rows: list[PreferenceRow]) -> datasets.Dataset:
         data = row.model_dump()
         data["margin"] = 0.0 if row.margin is None else row.margin
         for name, values in columns.items():
-            values.append(data[name])
+            values.append(data.get(name))  # `raters` is left out of dumps when None
     return Dataset.from_dict(columns, features=_features())
 
 

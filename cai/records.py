@@ -110,6 +110,16 @@ class SFTRow(Row):
 # --------------------------------------------------------------------------- feedback stage
 
 
+class RaterSplit(Row):
+    """How the human ratings of one pair split (`mix.human[].rater_column`), seen from its chosen side."""
+
+    n: int = Field(description="Ratings of this pair (one per rater or group).")
+    for_chosen: int = Field(description="Ratings that preferred the row's chosen response.")
+    against: int = Field(description="Ratings that preferred the row's rejected response.")
+    weight_for: float = Field(description="Summed rater weight preferring chosen.")
+    weight_against: float = Field(description="Summed rater weight preferring rejected.")
+
+
 class PreferenceRow(Row):
     """TRL's conversational preference format plus provenance; loads in RewardTrainer/DPOTrainer."""
 
@@ -127,6 +137,18 @@ class PreferenceRow(Row):
         description="AI rows: whether a principle gave a verdict on this pair (false only under "
         "label.no_verdict: keep); None for human rows.",
     )
+    raters: RaterSplit | None = Field(
+        None, description="Human rows aggregated over several raters: the split of their ratings."
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unrated(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # Rows without raters (every AI row, human rows without rater_column) stay byte-identical
+        # to rows written before aggregation existed; Parquet keeps the column (null) regardless.
+        data = handler(self)
+        if self.raters is None:
+            data.pop("raters", None)
+        return data
 
 
 class OrderVote(Row):

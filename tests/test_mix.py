@@ -437,9 +437,11 @@ def test_to_dataset_columns(mixed_dataset) -> None:
         "weight",
         "contested",
         "verdict",
+        "raters",
     ]
     human = mixed_dataset.filter(lambda r: r["source"] == "human-helpful")
     assert set(human["margin"]) == {0.0} and set(human["soft_label"]) == {None}
+    assert human["raters"] == [None] * len(human)  # one rating per pair: not aggregated
     assert set(human["verdict"]) == {None}  # only AI rows say whether a judge gave a verdict
     assert to_dataset(rows_named("h", 2)).features["soft_label"].dtype == "float64"  # not arrow's null type
 

@@ -22,10 +22,15 @@ if TYPE_CHECKING:
 
 def key(ctx: StageContext) -> StageStore:
     cfg = ctx.config.mix
+    mix_json = cfg.model_dump(mode="json")
+    for source in mix_json["human"]:
+        if source["rater_column"] is None:  # so runs from before raters existed keep their folders
+            for name in ("rater_column", "rater_weights", "raters_rule"):
+                del source[name]
     return StageStore(
         ctx.run_dir,
         "mix",
-        {"mix": cfg.model_dump(mode="json"), "seed": ctx.config.seed},
+        {"mix": mix_json, "seed": ctx.config.seed},
         upstream={"label": ctx.store("label").config_hash},
     )
 
@@ -34,7 +39,7 @@ def run_mix(ctx: StageContext, fresh: bool = False) -> StageStore:
     from rich.markup import escape
 
     from cai.atomic import atomic_write_jsonl
-    from cai.mix import load_preferences, mix
+    from cai.mix import load_source, mix
     from cai.preferences import read_preferences
 
     cfg = ctx.config.mix
@@ -46,8 +51,11 @@ def run_mix(ctx: StageContext, fresh: bool = False) -> StageStore:
     groups: dict[str, list[PreferenceRow]] = {"ai-harmless": ai}
     reports = []
     for source in cfg.human:
-        rows, report = load_preferences(source)
+        rows, report, raters = load_source(source)
         reports.append(report.model_dump(mode="json"))
+        if raters is not None:
+            reports[-1]["raters"] = raters.model_dump(mode="json")
+            ctx.console.print(f"mix: {escape(report.path)}: {escape(raters.line())}", highlight=False)
         groups.setdefault(source.source, []).extend(rows)
         if report.malformed:
             first = report.problems[0] if report.problems else "?"
@@ -94,7 +102,7 @@ def mix_card(ctx: StageContext, store: StageStore, label: StageStore, summary: d
         selection = "every row of every source"
     human = [
         f"{source.source}: {source.path} ({source.format}, {report['rows']} read, "
-        f"{report['malformed']} malformed)"
+        f"{report['malformed']} malformed{_raters_note(report)})"
         for source, report in zip(cfg.human, summary["sources"], strict=True)
     ]
     return dataset_card(
@@ -120,6 +128,17 @@ def mix_card(ctx: StageContext, store: StageStore, label: StageStore, summary: d
             "preferences.jsonl": "the same rows as JSON lines (what `cai train pm` and `cai train dpo` read)"
         },
         counts={"rows": summary["rows"], **{f"rows from {k}": v for k, v in summary["by_source"].items()}},
+    )
+
+
+def _raters_note(report: dict) -> str:
+    """The split of a rated source, for the card: how many ratings became how many pairs."""
+    r = report.get("raters")
+    if r is None:
+        return ""
+    return (
+        f"; {r['ratings']} ratings -> {r['pairs']} pairs by {r['rule']}: {r['unanimous']} unanimous, "
+        f"{r['split']} split, {r['ties_dropped']} ties dropped"
     )
 
 
