@@ -24,10 +24,13 @@ it, computed once by the hf engine); `after` puts it in a system turn after the 
 `benchmarks/label.py` and `cai judge check` measure both; README "Judges" gives the figures.
 
 The known failure is over-refusal: a "careful" assistant refuses more readily, so a refusal
-scores well even when the request was harmless. The shipped derivation template therefore
-describes the violating assistant as failing in both directions (helping with harm, and
-refusing or lecturing on safe requests), and both shipped constitutions carry a principle whose
-own texts make a needless refusal the violating assistant's answer.
+scores well even when the request was harmless. The texts derived from a compare question
+(`prompts/likelihood_condition.j2`) describe an assistant whose replies are the better (or the
+worse) answer to that question, and both shipped constitutions carry a principle with its own
+texts in which the violating assistant is the evasive one (`harmless-and-helpful` in
+harmless.yaml, `no-unnecessary-refusal` in hhh.yaml), so a needless refusal scores badly there.
+Measured on SmolLM2-135M (README "Judges"): mean per-token scores with temperature 0.05 gave
+the best agreement with the gold pairs, hence the defaults.
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ def test_one_reading_verdict(p, reason):
 def test_own_texts_are_used_verbatim_and_missing_ones_are_derived_from_compare():
     own = Principle(id="own", compare="Which is kinder?", follows="You are kind.", violates="You are cruel.")
     assert conditioning(own, TEMPLATES) == ("You are kind.", "You are cruel.")
-    derived = CONSTITUTION.principle("harmful-content")
+    derived = CONSTITUTION.principle("racist")  # no texts of its own: derived from compare
     assert derived.follows is None and derived.compare
     follows, violates = conditioning(derived, TEMPLATES)
     assert follows != violates
