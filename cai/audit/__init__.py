@@ -15,6 +15,7 @@ on re-running a judge.
   one typed summary that the terminal (`terminal`) and the HTML report (`cai.report`) render.
 """
 
+from cai.audit.groups import GroupShare, GroupsTable, group_shares
 from cai.audit.rows import AUDIT_FILE, LABEL_STAGE, audit_file, load_audit, load_gate
 from cai.audit.summary import (
     AuditSummary,
@@ -32,6 +33,7 @@ from cai.audit.summary import (
 )
 from cai.audit.terminal import (
     print_contested,
+    print_groups,
     print_influence,
     print_label,
     print_quality,
@@ -40,6 +42,10 @@ from cai.audit.terminal import (
 from cai.audit.views import LabelView, PairView, VoteView, filter_labels, label_view
 
 __all__ = [
+    "GroupShare",
+    "GroupsTable",
+    "group_shares",
+    "print_groups",
     "AUDIT_FILE",
     "LABEL_STAGE",
     "AuditSummary",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+from cai.audit.groups import GroupsTable, group_shares
 from cai.audit.views import LabelView, PairView, View, decisive_ids, label_view, pair_views
 from cai.gate import JudgeCheck
 from cai.records import LabelAudit
@@ -261,6 +262,7 @@ class AuditSummary(View):
     labels: list[LabelView]
     gate: JudgeCheck | None
     gate_failures: list[str]
+    groups: GroupsTable | None = None
 
 
 def summarize(
@@ -289,4 +291,5 @@ def summarize(
         labels=[label_view(row) for row in rows],
         gate=gate,
         gate_failures=list(gate_failures),
+        groups=group_shares(rows),
     )

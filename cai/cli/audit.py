@@ -33,6 +33,14 @@ def audit(
     constitution: Annotated[str, typer.Option(help="Constitution for tags (default: the run's).")] = "",
     html: Annotated[Path | None, typer.Option(help="Also write an HTML report of the selection.")] = None,
     limit: Annotated[int, typer.Option(help="Labels shown in full at most.")] = 5,
+    groups: Annotated[
+        bool,
+        typer.Option(
+            "--groups",
+            help="Pluralistic runs: each group's weight, the pairs the groups disagreed on, and each "
+            "group's share of them (target vs achieved).",
+        ),
+    ] = False,
 ) -> None:
     """Which principle shaped each label: readings in both orders, verdicts, decisive principles."""
     from cai.audit import (
@@ -67,6 +75,14 @@ def audit(
     except (FileNotFoundError, ValueError, ConstitutionError) as exc:
         fail(str(exc))
     console.print(f"{len(selected)} of {len(rows)} labels selected")
+    if groups:
+        from cai.audit import group_shares, print_groups
+
+        table = group_shares(selected)
+        if table is None:
+            fail("these labels come from a one-group run (no `constitutions:`): there are no groups")
+        print_groups(console, table)
+        return
     if label is not None:
         matches = [r for r in rows if label in (r.label_id, r.row_id)]
         if not matches:
