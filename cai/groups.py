@@ -170,16 +170,24 @@ def _tie(seed: int, *parts: object) -> int:
     return derive_seed(seed, "groups", *parts)
 
 
+def _priority(contest: Contest, group: str, seed: int) -> tuple[float, float, int]:
+    """A group's order of the open contests: where it feels strongest first; among equals, where
+    the other groups feel weakest (leaving them what they care most about), then the seeded hash."""
+    others = max((s for g, s in contest.strength.items() if g != group), default=0.0)
+    return rounded(contest.strength[group]), -rounded(others), _tie(seed, contest.key, group)
+
+
 def apportion(contests: Sequence[Contest], weights: Mapping[str, float], seed: int) -> dict[str, Seat]:
     """Give each group a number of the contests proportional to its weight (Sainte-Laguë).
 
     Seats are handed out one at a time to the group with the largest quotient w / (2s + 1)
     (s: seats it holds); the group takes, among the contests still open on which it has a verdict,
-    the one where its preference is strongest (largest |p - 0.5|). A group with no open contest
-    left passes its turn. Equal quotients and equal strengths are broken by a hash of
-    (seed, group) and (seed, contest, group): deterministic, seeded, and independent of input
-    order. On 10 contests 60/40 gives exactly 6/4 and 0.5/0.3/0.2 gives 5/3/2; every count stays
-    within one seat of its quota.
+    the one where its preference is strongest (largest |p - 0.5|; among equals, the one the
+    other groups feel least strongly about). A group with no open contest left passes its turn.
+    Equal quotients and equal strengths are broken by a hash of (seed, group) and (seed,
+    contest, group): deterministic, seeded, and independent of input order. On 10 contests 60/40
+    gives exactly 6/4 and 0.5/0.3/0.2 gives 5/3/2; with two groups every count stays within one
+    seat of its quota (with more, Sainte-Laguë can rarely miss it by more).
 
     Returns the seat of every contest (keyed by `Contest.key`).
     """
@@ -197,7 +205,7 @@ def apportion(contests: Sequence[Contest], weights: Mapping[str, float], seed: i
             raise ValueError(f"contests without any group verdict: {[c.key for c in open_]}")
         group = max(able, key=lambda g: (rounded(shares[g] / (2 * held[g] + 1)), _tie(seed, g)))
         mine = [c for c in open_ if group in c.sides]
-        contest = max(mine, key=lambda c: (rounded(c.strength[group]), _tie(seed, c.key, group)))
+        contest = max(mine, key=lambda c: _priority(c, group, seed))
         number += 1
         held[group] += 1
         seats[contest.key] = Seat(group=group, side=contest.sides[group], seat=number)
