@@ -446,3 +446,29 @@ def test_audit_rows_round_trip_through_parquet(tmp_path):
     (row,) = pq.read_table(tmp_path / "a.parquet").to_pylist()
     assert [g["name"] for g in row["groups"]] == ["plain", "emoji"] and row["votes"][0]["group"] == "plain"
     assert row["decided_by"][0]["reason"] == "rule"
+
+
+def test_a_pluralistic_recipe_runs_and_cai_audit_shows_the_groups(tmp_path):
+    import orjson
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+    from cai.pipeline import run_pipeline
+
+    path = group_config(tmp_path / "c.yaml", tmp_path / "run", rule="maximin", weights=(1, 1))
+    data = yaml.safe_load(path.read_text())
+    data["stages"] = ["sl", "label", "mix"]  # sl revises with the first group's constitution
+    path.write_text(yaml.safe_dump(data))
+    ctx = echo_context(path, by_group)
+    run_pipeline(ctx)
+    manifest = orjson.loads((tmp_path / "run" / "manifest.json").read_bytes())
+    assert manifest["constitution"]["name"] == "frank" and "constitution" not in manifest["config"]
+    assert [(g["name"], g["weight"], g["share"]) for g in manifest["groups"]] == [
+        ("frank", 1, 0.5),
+        ("cautious", 1, 0.5),
+    ]
+    mixed = (ctx.store("mix").path / "preferences.jsonl").read_bytes().splitlines()
+    assert any(orjson.loads(line).get("group") in ("frank", "cautious") for line in mixed)
+    result = CliRunner().invoke(app, ["audit", str(tmp_path / "run"), "--groups"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "frank" in result.output and "target share" in result.output and "maximin" in result.output
