@@ -16,9 +16,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from cai.eval_judges import eval_settings
+from cai.groups import GroupSpec, check_groups
 from cai.sections import EngineConfig, HFEngine, Section, TemplatesConfig
 from cai.stages.registry import STAGE_ORDER, STAGES
 from cai.yamlfile import (
@@ -42,8 +52,31 @@ class RunSettings(Section):
         "smollm2-135m-instruct", description="Base helpful model: built-in name, local folder or hub id."
     )
     constitution: str = Field("harmless", description="Constitution file, or a shipped name.")
+    constitutions: list[GroupSpec] | None = Field(
+        None,
+        description="A pluralistic run instead of `constitution`: stakeholder groups, each with a "
+        "name, a constitution and a weight (label.groups.rule decides across them; sl uses the first).",
+    )
     templates: TemplatesConfig = Field(default_factory=TemplatesConfig)
     engine: EngineConfig = Field(default_factory=HFEngine, description="Engine for all model calls.")
+
+    @model_validator(mode="after")
+    def _one_or_groups(self) -> RunSettings:
+        if self.constitutions is not None:
+            if "constitution" in self.model_fields_set:
+                raise ValueError(
+                    "give either `constitution` (one group) or `constitutions` (stakeholder groups), not both"
+                )
+            check_groups(self.constitutions)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _one_form(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # one-group configs dump (and hash) as before groups existed; group configs have no
+        # `constitution` (it would be an error beside `constitutions`)
+        data = handler(self)
+        data.pop("constitutions" if self.constitutions is None else "constitution", None)
+        return data
 
 
 def _ordered(cls: type, stages: list[str]) -> list[str]:
@@ -74,6 +107,14 @@ def _judge_can_read(config: Any) -> Any:
     return config
 
 
+def _groups_need_groups(config: Any) -> Any:
+    """`label.groups` decides across stakeholder groups: without `constitutions` there are none."""
+    label = getattr(config, "label", None)
+    if label is not None and label.groups is not None and config.constitutions is None:
+        raise ValueError("label.groups needs stakeholder groups: list them under `constitutions`")
+    return config
+
+
 def _compose() -> type[RunSettings]:
     """RunSettings + a section per stage that has one + the recipe (`stages`)."""
     sections: dict[str, Any] = {
@@ -97,6 +138,7 @@ def _compose() -> type[RunSettings]:
             "ordered": field_validator("stages")(_ordered),
             "eval_judge_fits": model_validator(mode="after")(_eval_judge_fits),
             "judge_can_read": model_validator(mode="after")(_judge_can_read),
+            "groups_need_groups": model_validator(mode="after")(_groups_need_groups),
         },
         **sections,
         stages=stages,

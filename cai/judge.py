@@ -21,13 +21,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from cai.aggregate import Aggregate, aggregate
-from cai.backends.base import Backend, Chat, ChoiceScores
+from cai.backends.base import Backend, Chat
 from cai.chats import (
     COMPARE_ANSWER_TEMPLATE,
     COMPARE_COT_ANSWER_TEMPLATE,
@@ -37,14 +37,16 @@ from cai.chats import (
     ChatBuilder,
 )
 from cai.classifier import ClassifierConfig
+from cai.comparison import Comparison, _order_vote
 from cai.constitution import Constitution, Principle, sample_principles
+from cai.groups import GroupsRule
 from cai.hashing import derive_seed
 from cai.likelihood import CONDITION_TEMPLATE, LikelihoodConfig, likelihood_judge
 from cai.records import LabelAudit, OrderVote, PairVote, PreferenceRow, TrainingUse
 from cai.rules import PrincipleVote
 from cai.sections import EngineConfig, SamplingParams, Section
 from cai.sources import PromptSource
-from cai.verdict import DEFAULT_MIN_MARGIN, side, two_order_verdict
+from cai.verdict import DEFAULT_MIN_MARGIN
 
 JudgeMode = Literal["choice", "likelihood", "classifier"]
 """The three ways a judge can read a pair (README "Judges": when to use which, and the cost)."""
@@ -176,6 +178,17 @@ class LabelConfig(Section):
         "skips the gate).",
     )
     chunk_size: int = Field(8, ge=1, description="Prompts processed and committed together.")
+    groups: GroupsRule | None = Field(
+        None,
+        description="Pluralistic runs (`constitutions:`): the rule across groups.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_groups(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)  # one-group configs keep their stage keys: no `groups: null` in the hash
+        if self.groups is None:
+            data.pop("groups", None)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> LabelConfig:
@@ -211,59 +224,6 @@ class LabelConfig(Section):
 
 
 # --------------------------------------------------------------------------- comparisons
-
-
-@dataclass
-class Comparison:
-    """One (label, pair, principle) judged in both orders."""
-
-    label: int
-    i: int
-    j: int
-    principle: Principle
-    orders: dict[str, OrderVote] = field(default_factory=dict)
-
-    def combined(self, min_margin: float, weighted: bool = True) -> PairVote:
-        """Average P(i better) over the orders that did not abstain; a verdict needs both (cai.verdict)."""
-
-        def p_i(order: str) -> float | None:
-            vote = self.orders.get(order)
-            if vote is None or vote.abstained:
-                return None
-            return vote.probs[0] if order == "ab" else vote.probs[1]
-
-        first, second = p_i("ab"), p_i("ba")
-        reading = two_order_verdict(first, second, min_margin)
-        a, b = side(first), side(second)  # 0: abstained or no preference, so consistency is unknown
-        consistent = a == b if a and b else None
-        return PairVote(
-            principle_id=self.principle.id,
-            weight=self.principle.weight if weighted else 1.0,
-            i=self.i,
-            j=self.j,
-            orders=[self.orders[k] for k in ("ab", "ba") if k in self.orders],
-            p_i_better=reading.p,
-            position_consistent=consistent,
-            verdict=None if not reading.is_verdict else (self.i if reading.side > 0 else self.j),
-            no_verdict=reading.reason,
-        )
-
-
-def _clamp(probs: list[float], band: tuple[float, float]) -> list[float]:
-    low, high = band
-    first = min(max(probs[0], low), high)
-    return [first, 1.0 - first]
-
-
-def _order_vote(
-    order: str, scores: ChoiceScores, reasoning: str | None, band: tuple[float, float] | None
-) -> OrderVote:
-    if not scores.ok:
-        return OrderVote(
-            order=order, logprobs=[], probs=[], reasoning=reasoning, abstained=True, error=scores.error
-        )
-    probs = _clamp(scores.probs, band) if band else scores.probs
-    return OrderVote(order=order, logprobs=scores.logprobs, probs=probs, reasoning=reasoning)
 
 
 def judge(

@@ -47,24 +47,34 @@ def run_pipeline(ctx: StageContext) -> dict:
 
 def write_run_manifest(ctx: StageContext, summary: dict) -> Path:
     """run_dir/manifest.json: the config, its hash, versions, and per stage its key, upstream
-    keys, time and tokens. Written by each `cai run`: it describes the config that ran last."""
+    keys, time and tokens (and, in a pluralistic run, the groups with their normalised shares).
+    Written by each `cai run`: it describes the config that ran last."""
     from cai.atomic import atomic_write_json
     from cai.hashing import content_hash
     from cai.manifest import versions
 
     config = ctx.config.model_dump(mode="json")
     path = ctx.run_dir / "manifest.json"
-    atomic_write_json(
-        path,
-        {
-            "config": config,
-            "config_hash": content_hash(config),
-            "config_source": ctx.config_source,
-            "constitution": {"name": ctx.constitution.name, "hash": ctx.constitution.hash},
-            "versions": versions(),
-            "stages": summary,
-        },
-    )
+    manifest = {
+        "config": config,
+        "config_hash": content_hash(config),
+        "config_source": ctx.config_source,
+        "constitution": {"name": ctx.constitution.name, "hash": ctx.constitution.hash},
+        "versions": versions(),
+        "stages": summary,
+    }
+    if ctx.groups:  # pluralistic runs: every group's constitution, raw weight and normalised share
+        manifest["groups"] = [
+            {
+                "name": g.spec.name,
+                "constitution": g.constitution.name,
+                "hash": g.constitution.hash,
+                "weight": g.spec.weight,
+                "share": g.weight,
+            }
+            for g in ctx.groups
+        ]
+    atomic_write_json(path, manifest)
     return path
 
 

@@ -7,7 +7,7 @@ the constitution and templates that shaped it. Preference rows join their audit 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
@@ -20,6 +20,21 @@ from cai.verdict import NoVerdict
 
 class Row(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class OmitNone(Row):
+    """A row whose fields in `OMIT_WHEN_NONE` are left out of its JSON when None: fields added for
+    pluralistic runs, so one-group runs keep the bytes they had before groups existed."""
+
+    OMIT_WHEN_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        for name in self.OMIT_WHEN_NONE:
+            if getattr(self, name) is None:
+                data.pop(name, None)
+        return data
 
 
 # --------------------------------------------------------------------------- supervised stage
@@ -120,8 +135,10 @@ class RaterSplit(Row):
     weight_against: float = Field(description="Summed rater weight preferring rejected.")
 
 
-class PreferenceRow(Row):
+class PreferenceRow(OmitNone):
     """TRL's conversational preference format plus provenance; loads in RewardTrainer/DPOTrainer."""
+
+    OMIT_WHEN_NONE: ClassVar[tuple[str, ...]] = ("group", "raters")
 
     prompt: Chat
     chosen: Chat
@@ -140,15 +157,9 @@ class PreferenceRow(Row):
     raters: RaterSplit | None = Field(
         None, description="Human rows aggregated over several raters: the split of their ratings."
     )
-
-    @model_serializer(mode="wrap")
-    def _omit_unrated(self, handler: SerializerFunctionWrapHandler) -> dict:
-        # Rows without raters (every AI row, human rows without rater_column) stay byte-identical
-        # to rows written before aggregation existed; Parquet keeps the column (null) regardless.
-        data = handler(self)
-        if self.raters is None:
-            data.pop("raters", None)
-        return data
+    group: str | None = Field(
+        None, description="Pluralistic runs: the group whose verdict decided this pair (None otherwise)."
+    )
 
 
 class OrderVote(Row):
@@ -190,7 +201,7 @@ class ResponseScore(Row):
     tokens: int = Field(description="Tokens the classifier read (the user message and the response).")
 
 
-class PairVote(Row):
+class PairVote(OmitNone):
     """One principle's judgement of one pair (i, j) of responses, both orders combined.
 
     Under `label.judge: classifier` the reader is the classifier, not a principle: `principle_id`
@@ -198,7 +209,12 @@ class PairVote(Row):
     responses' scores.
     """
 
+    OMIT_WHEN_NONE: ClassVar[tuple[str, ...]] = ("group",)
+
     principle_id: str
+    group: str | None = Field(
+        None, description="Pluralistic runs: the group whose principle this is (None in one-group runs)."
+    )
     weight: float = Field(description="The principle's weight in aggregation (1 where sampling applied it).")
     i: int
     j: int
@@ -225,8 +241,48 @@ TrainingUse = Literal["row", "no-verdict", "abstained", "rule-conflict", "contes
 """What became of a derived pair: a training row, or why not (see `cai.judge.training_use`)."""
 
 
-class LabelAudit(Row):
+class GroupVerdict(Row):
+    """One group's verdict on one label of a pluralistic run (`cai.stages.label_groups`)."""
+
+    name: str
+    weight: float = Field(description="The group's normalised weight (its share of the population).")
+    raw_weight: float = Field(description="The weight as configured, before normalisation.")
+    constitution: str
+    constitution_hash: str
+    principles: list[str] = Field(description="The group's principles that judged this label.")
+    ranking: list[int] | None = Field(
+        description="The group's own ranking under label.rule; None when it has no verdict on the label."
+    )
+    p: list[float | None] = Field(
+        description="Per entry of the label's `pairs`: the group's P(chosen better) (the mean over its "
+        "principles with a verdict on the pair; without one, over those that answered; None if none did)."
+    )
+    verdict: list[int | None] = Field(
+        description="Per entry of `pairs`: the response the group's verdict prefers; None: the group "
+        "has no verdict there (and takes no part in deciding it)."
+    )
+
+
+class DecidedBy(Row):
+    """Which group decided one derived pair of a pluralistic run, and why."""
+
+    group: str | None = Field(
+        description="The deciding group: the apportioned one; under consensus or a per-label rule the "
+        "heaviest group whose verdict agrees with the decision; None when no group's does."
+    )
+    reason: Literal["consensus", "apportioned", "rule", "no-verdict", "pending"] = Field(
+        description="consensus: every group with a verdict agreed; apportioned: a contested pair given "
+        "to this group by the proportional rule; rule: a per-label rule decided between disagreeing "
+        "groups; no-verdict: no group had a verdict; pending: before the proportional pass (ledger "
+        "rows only, never in audit.jsonl)."
+    )
+    seat: int | None = Field(None, description="The apportioned seat's place in the seat order (1 first).")
+
+
+class LabelAudit(OmitNone):
     """Everything that shaped one label; one row per prompt, joined by `label_id`."""
+
+    OMIT_WHEN_NONE: ClassVar[tuple[str, ...]] = ("groups", "decided_by")
 
     label_id: str
     row_id: str
@@ -255,6 +311,15 @@ class LabelAudit(Row):
     constitution: str
     constitution_hash: str
     config_hash: str
+    groups: list[GroupVerdict] | None = Field(
+        None,
+        description="Pluralistic runs: every group's verdict (with its constitution hash); `rule` is "
+        "then the rule inside each group, `outcome.rule` the rule across groups, and `constitution` "
+        "names the first group's. None in one-group runs.",
+    )
+    decided_by: list[DecidedBy] | None = Field(
+        None, description="Pluralistic runs: per entry of `pairs`, the group that decided it and why."
+    )
 
 
 # --------------------------------------------------------------------------- evaluation

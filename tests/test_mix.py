@@ -438,6 +438,7 @@ def test_to_dataset_columns(mixed_dataset) -> None:
         "contested",
         "verdict",
         "raters",
+        "group",
     ]
     human = mixed_dataset.filter(lambda r: r["source"] == "human-helpful")
     assert set(human["margin"]) == {0.0} and set(human["soft_label"]) == {None}

@@ -27,6 +27,7 @@ from cai.audit.conflicts import (
     group_conflicts,
     principle_conflicts,
 )
+from cai.audit.groups import GroupShare, GroupsTable, group_shares
 from cai.audit.rows import AUDIT_FILE, LABEL_STAGE, audit_file, load_audit, load_gate
 from cai.audit.summary import (
     AuditSummary,
@@ -45,6 +46,7 @@ from cai.audit.summary import (
 from cai.audit.terminal import (
     print_conflicts,
     print_contested,
+    print_groups,
     print_influence,
     print_label,
     print_quality,
@@ -53,6 +55,10 @@ from cai.audit.terminal import (
 from cai.audit.views import LabelView, PairView, VoteView, filter_labels, label_view
 
 __all__ = [
+    "GroupShare",
+    "GroupsTable",
+    "group_shares",
+    "print_groups",
     "AUDIT_FILE",
     "LABEL_STAGE",
     "MIN_SHARED",

@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 from cai.audit.conflicts import ConflictTable, group_conflicts, principle_conflicts
+from cai.audit.groups import GroupsTable, group_shares
 from cai.audit.views import LabelView, PairView, View, decisive_ids, label_view, pair_views
 from cai.gate import JudgeCheck
 from cai.records import LabelAudit
@@ -265,6 +266,7 @@ class AuditSummary(View):
     labels: list[LabelView]
     gate: JudgeCheck | None
     gate_failures: list[str]
+    groups: GroupsTable | None = None
 
 
 def summarize(
@@ -295,4 +297,5 @@ def summarize(
         labels=[label_view(row) for row in rows],
         gate=gate,
         gate_failures=list(gate_failures),
+        groups=group_shares(rows),
     )

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from cai.audit.conflicts import ConflictCell, ConflictTable, conflict_notes
+from cai.audit.groups import GroupsTable, group_table_rows, groups_caption
 from cai.audit.summary import (
     AuditSummary,
     ContestedPair,
@@ -203,6 +204,22 @@ def print_summary(console: Console, summary: AuditSummary, constitution: Constit
     print_quality(console, summary.quality, summary.gate, summary.gate_failures)
     print_influence(console, summary.influence, constitution)
     print_contested(console, summary.contested)
+    if summary.groups is not None:
+        print_groups(console, summary.groups)
+
+
+def print_groups(console: Console, groups: GroupsTable) -> None:
+    """Each group's weight and its share of the pairs the groups disagreed on (target vs achieved)."""
+    from rich.table import Table
+
+    headers, rows = group_table_rows(groups)
+    caption = groups_caption(groups)
+    table = Table(title="groups", title_justify="left", caption=caption, caption_justify="left")
+    for n, header in enumerate(headers):
+        table.add_column(header, justify="left" if n < 2 else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def print_quality(

@@ -40,6 +40,14 @@ def audit(
             help="Show only how often two principles (and groups) gave opposite verdicts on the same pairs.",
         ),
     ] = False,
+    groups: Annotated[
+        bool,
+        typer.Option(
+            "--groups",
+            help="Pluralistic runs: each group's weight, the pairs the groups disagreed on, and each "
+            "group's share of them (target vs achieved).",
+        ),
+    ] = False,
 ) -> None:
     """Which principle shaped each label: readings in both orders, verdicts, decisive principles."""
     from cai.audit import (
@@ -75,6 +83,14 @@ def audit(
     except (FileNotFoundError, ValueError, ConstitutionError) as exc:
         fail(str(exc))
     console.print(f"{len(selected)} of {len(rows)} labels selected")
+    if groups:
+        from cai.audit import group_shares, print_groups
+
+        table = group_shares(selected)
+        if table is None:
+            fail("these labels come from a one-group run (no `constitutions:`): there are no groups")
+        print_groups(console, table)
+        return
     if label is not None:
         matches = [r for r in rows if label in (r.label_id, r.row_id)]
         if not matches:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cai.audit import AuditSummary, ContestedPair, LabelView, PrincipleInfluence
+from cai.audit.groups import GroupsTable, group_table_rows, groups_caption
 from cai.records import MetricRow
 from cai.report.heatmap import conflicts_section
 from cai.report.html import CSS, ci, cut, e, fmt, not_run, pct, table
@@ -54,6 +55,9 @@ SECTIONS = {
 }
 """Section id -> heading, in page order. The long per-label listing goes last so every plot
 fits in the first screens."""
+
+GROUPS_SECTION = "Groups"
+"""Shown after the contested labels, in pluralistic runs only (`cai.audit.groups`)."""
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -218,6 +222,15 @@ def _contested_section(contested: Sequence[ContestedPair]) -> str:
     )
 
 
+def _groups_section(groups: GroupsTable) -> str:
+    headers, rows = group_table_rows(groups)
+    return (
+        f'<p class="meta">{e(groups_caption(groups))}. Target share: the group\'s weight (its share of '
+        "the population); achieved: the disagreed pairs its verdict decided.</p>"
+        + table(headers, rows, numeric=range(2, len(headers)))
+    )
+
+
 def _label_block(view: LabelView) -> str:
     flag = ' <span class="contested">contested</span>' if view.contested else ""
     flag += "" if view.has_verdict else ' <span class="bad">no verdict: no signal</span>'
@@ -369,6 +382,8 @@ def write_report(
         )
         sections["contested"] = _contested_section(audit.contested)
         sections["conflicts"] = conflicts_section(audit.conflicts, audit.group_conflicts)
+        if audit.groups is not None:  # pluralistic runs only
+            sections["groups"] = _groups_section(audit.groups)
         shown = audit.labels[:max_labels]
         more = (
             f'<p class="meta">showing {len(shown)} of {len(audit.labels)} labels</p>'
@@ -384,10 +399,11 @@ def write_report(
     sections["eval"] = _eval_section(eval_rows)
     sections["pm"] = _pm_section(pm_metrics, eval_rows)
 
-    nav = "".join(f'<a href="#{key}">{e(name)}</a>' for key, name in SECTIONS.items())
-    body = "".join(
-        f'<section id="{key}"><h2>{e(name)}</h2>{sections[key]}</section>' for key, name in SECTIONS.items()
-    )
+    order = list(SECTIONS.items())
+    if "groups" in sections:
+        order.insert(list(SECTIONS).index("contested") + 1, ("groups", GROUPS_SECTION))
+    nav = "".join(f'<a href="#{key}">{e(name)}</a>' for key, name in order)
+    body = "".join(f'<section id="{key}"><h2>{e(name)}</h2>{sections[key]}</section>' for key, name in order)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'

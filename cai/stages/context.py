@@ -53,9 +53,18 @@ class StageContext:
 
     @cached_property
     def constitution(self):
+        """The run's constitution; in a pluralistic run the first group's (what sl revises with)."""
         from cai.constitution import load_constitution
 
-        return load_constitution(self.config.constitution)
+        groups = self.config.constitutions
+        return load_constitution(groups[0].constitution if groups else self.config.constitution)
+
+    @cached_property
+    def groups(self) -> list:
+        """The stakeholder groups of a pluralistic run (`cai.stages.label_groups.Group`); [] otherwise."""
+        from cai.stages.label_groups import load_groups
+
+        return load_groups(self)
 
     @cached_property
     def templates(self):

@@ -36,10 +36,12 @@ from cai.gate import (
     print_check,
     resolve_gold,
 )
+from cai.group_labels import settle
 from cai.judge import LabelConfig, LabelMeta, build_label, choose_principles, judge, weighting
 from cai.records import LabelAudit, LabelResult, PreferenceRow
 from cai.sources import load_prompts
 from cai.stages.base import Stage, Timer, open_or_skip, pending_chunks, usage_since
+from cai.stages.label_groups import groups_key, groups_summary, judge_groups
 from cai.store import StageStore
 
 if TYPE_CHECKING:
@@ -64,6 +66,7 @@ def key(ctx: StageContext) -> StageStore:
         # only what this stage reads: editing another stage's texts must not redo this one
         "constitution_stage_hash": ctx.constitution.stage_hash("compare"),
         "templates": ctx.builder.template_hashes(cfg.template_names()),
+        **groups_key(ctx),  # nothing in one-group runs: their keys stay as they were
     }
     return StageStore(ctx.run_dir, NAME, config, upstream=upstream)
 
@@ -110,6 +113,8 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
                     ctx.model_calls += 1
                     advance(len(chunk))
         results = sorted(store.rows(LabelResult), key=lambda r: _order_key(r.row_id))
+        if ctx.groups:  # proportional: the contested pairs are apportioned now, from the rows alone
+            results = settle(results, cfg, ctx.config.seed)
         audits = [r.audit for r in results if r.audit is not None]
         preferences = [p for r in results for p in r.preferences]
         from cai.audit import judge_quality
@@ -117,6 +122,8 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
         quality = judge_quality(audits)
         summary = label_summary(quality, preferences, gate, cfg.gate)
         summary.update(failed_labels=sum(1 for r in results if r.error), seconds=round(timer.seconds, 1))
+        if ctx.groups:
+            summary["groups"] = groups_summary(ctx, audits)
         outputs = {
             "audit.jsonl": lambda path: atomic_write_jsonl(path, audits),
             "audit.parquet": lambda path: write_parquet(path, audits, LabelAudit),
@@ -256,8 +263,13 @@ def label_chunk(ctx, chunk, number, policy_backend, judge_backend, meta) -> list
                 LabelResult(row_id=row_id, config_hash=meta.config_hash, error=f"policy: {completion.error}")
             )
             continue
+        if ctx.groups:
+            ready.append((row_id, item, [s.text for s in completion.samples]))
+            continue
         principles = choose_principles(ctx.constitution, cfg.principles, ctx.config.seed, row_id)
         ready.append((row_id, item, [s.text for s in completion.samples], principles))
+    if ctx.groups:
+        return results + judge_groups(ctx, ready, number, judge_backend, meta)
     votes = judge(
         judge_backend,
         ctx.builder,
