@@ -41,7 +41,7 @@ from cai.audit import (
     print_conflicts,
     summarize,
 )
-from cai.records import LabelAudit, PairVote
+from cai.records import GroupVerdict, LabelAudit, PairVote
 from cai.report import write_report
 from cai.report.heatmap import rate_colour
 
@@ -222,13 +222,32 @@ def grouped(template) -> list[LabelAudit]:
         "G4": [0, "below-margin", 1, 1],
     }
     members = [("safety", "p1"), ("safety", "p2"), ("helpful", "p3"), ("helpful", "p4")]
-    return [
-        label(template, name, 2, [vote(p, 0, 1, r, group=g) for (g, p), r in zip(members, rs, strict=True)])
-        for name, rs in readings.items()
-    ]
+    # each group's own verdict (its rule over its principles), as the label stage records it
+    group_verdicts = {"G1": (0, 1), "G2": (None, 0), "G3": (1, 1), "G4": (0, 1)}
+    rows = []
+    for name, rs in readings.items():
+        row = label(
+            template, name, 2, [vote(p, 0, 1, r, group=g) for (g, p), r in zip(members, rs, strict=True)]
+        )
+        groups = [
+            GroupVerdict(
+                name=g,
+                weight=0.5,
+                raw_weight=1.0,
+                constitution=g,
+                constitution_hash="h",
+                principles=[],
+                ranking=None,
+                p=[None if v is None else 0.8 if v == row.pairs[0].chosen else 0.2],
+                verdict=[v],
+            )
+            for g, v in zip(("safety", "helpful"), group_verdicts[name], strict=True)
+        ]
+        rows.append(row.model_copy(update={"groups": groups}))
+    return rows
 
 
-def test_group_table_from_votes_with_a_group(grouped, rows):
+def test_group_table_from_the_recorded_group_verdicts(grouped, rows):
     groups = group_conflicts(grouped)
     assert groups is not None and groups.kind == "group"
     assert groups.units == ["safety", "helpful"]
@@ -239,7 +258,7 @@ def test_group_table_from_votes_with_a_group(grouped, rows):
     assert principles.units == ["safety/p1", "safety/p2", "helpful/p3", "helpful/p4"]
     assert figures(principles, "safety/p1", "helpful/p3") == (4, 2, 0.5)  # G1, G4 against; G2, G3 with
     assert figures(principles, "safety/p1", "safety/p2") == (3, 1, pytest.approx(1 / 3))
-    # a single-group run (no vote names a group) has no group table
+    # a single-group run (no row has groups) has no group table
     assert group_conflicts(rows) is None
     assert summarize(rows).group_conflicts is None and summarize(grouped).group_conflicts is not None
 

@@ -160,18 +160,17 @@ def principle_observations(rows: Iterable[LabelAudit]) -> list[Observation]:
 
 
 def group_observations(rows: Iterable[LabelAudit]) -> list[Observation]:
-    """Each vote that names a group as an observation of that group (empty in single-group runs)."""
-    return [
-        Observation(
-            unit=group,
-            label=row.label_id,
-            pair=(min(vote.i, vote.j), max(vote.i, vote.j)),
-            verdict=vote.verdict,
-        )
-        for row in rows
-        for vote in row.votes
-        if (group := _group(vote))
-    ]
+    """Each group's own verdict (by its rule, as recorded in `LabelAudit.groups`) on each derived
+    pair of each label; empty in single-group runs."""
+    observations = []
+    for row in rows:
+        for group in getattr(row, "groups", None) or []:
+            for pair, verdict in zip(row.pairs, group.verdict, strict=True):
+                key = (min(pair.chosen, pair.rejected), max(pair.chosen, pair.rejected))
+                observations.append(
+                    Observation(unit=group.name, label=row.label_id, pair=key, verdict=verdict)
+                )
+    return observations
 
 
 def principle_conflicts(rows: Sequence[LabelAudit], min_n: int = MIN_SHARED) -> ConflictTable:
@@ -179,7 +178,7 @@ def principle_conflicts(rows: Sequence[LabelAudit], min_n: int = MIN_SHARED) -> 
 
 
 def group_conflicts(rows: Sequence[LabelAudit], min_n: int = MIN_SHARED) -> ConflictTable | None:
-    """The same table between groups; None when no vote names a group (a single-group run)."""
+    """The same table between groups; None when no row has groups (a single-group run)."""
     observations = group_observations(rows)
     return conflict_table(observations, "group", min_n) if observations else None
 
