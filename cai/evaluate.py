@@ -110,8 +110,8 @@ class EvalConfig(Section):
     )
     judge_model: str | None = Field(
         None,
-        description="Language-model judge (choice, likelihood); default: the run's model, on "
-        "label.judge_engine when that is set and label.judge_model is unset or the run's model. "
+        description="Language-model judge (choice, likelihood); default: the label stage's judge "
+        "(label.judge_model on label.judge_engine, else the run's model), the judge the gate measured. "
         "A classifier judge is label.classifier.model.",
     )
     helpful_constitution: str = Field("hhh", description="Constitution the helpfulness principles come from.")

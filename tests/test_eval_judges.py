@@ -215,7 +215,8 @@ def test_a_classifier_mode_without_label_classifier_is_a_config_error():
     # a likelihood judge rates harmlessness under harm principles: it needs some
     with pytest.raises(ConfigError, match=r"eval\.harm_principles, which is empty"):
         load_config("quickstart", ["label.judge=likelihood", "eval.harm_principles=[]"])
-    assert load_config("quickstart", ["eval.harm_principles=[]"]).eval.harm_principles == []  # choice: fine
+    choice = ["label.judge=choice", "eval.harm_principles=[]"]
+    assert load_config("quickstart", choice).eval.harm_principles == []  # choice: fine
 
 
 # --------------------------------------------------------------------------- stage: key and judge
@@ -230,14 +231,14 @@ def eval_key(*overrides: str) -> str:
 
 
 def test_the_eval_key_follows_the_effective_judge_mode():
-    base = eval_key()
-    assert eval_key("eval.judge=likelihood") != base
-    assert eval_key("eval.judge=choice") != base  # eval.judge is part of the eval section
+    base = eval_key("label.judge=choice")
+    assert eval_key("label.judge=choice", "eval.judge=likelihood") != base
+    assert eval_key("label.judge=choice", "eval.judge=choice") != base  # eval.judge is in the eval section
     # label.likelihood is read only when eval judges by likelihood
-    assert eval_key("label.likelihood.temperature=2") == base
-    assert eval_key("eval.judge=likelihood", "label.likelihood.temperature=2") != eval_key(
-        "eval.judge=likelihood"
-    )
+    assert eval_key("label.judge=choice", "label.likelihood.temperature=2") == base
+    assert eval_key(
+        "label.judge=choice", "eval.judge=likelihood", "label.likelihood.temperature=2"
+    ) != eval_key("label.judge=choice", "eval.judge=likelihood")
     assert eval_key("label.judge=likelihood", "label.likelihood.temperature=2") != eval_key(
         "label.judge=likelihood"
     )
@@ -246,18 +247,18 @@ def test_the_eval_key_follows_the_effective_judge_mode():
     ) == eval_key("eval.judge=choice", "label.judge=likelihood")
 
 
-def test_the_eval_judge_is_the_label_judges_engine_only_for_its_own_model():
+def test_the_eval_judge_is_the_label_judge_unless_eval_names_one():
     from cai.stages.evaluation import eval_judge
 
     engine = "label.judge_engine={kind: hf, device: cpu, batch_size: 3}"
     config = load_config("quickstart", [engine])
     model, judge_engine = eval_judge(StageContext(config))
     assert model == config.model and judge_engine == config.label.judge_engine
-    # an engine set up for another label judge model is not used for the run's model
+    # the label judge, model and engine: the judge the gate measured
     model, judge_engine = eval_judge(
         StageContext(load_config("quickstart", [engine, "label.judge_model=other"]))
     )
-    assert (model, judge_engine) == (config.model, None)
+    assert (model, judge_engine) == ("other", config.label.judge_engine)
     model, judge_engine = eval_judge(
         StageContext(load_config("quickstart", [engine, "eval.judge_model=mine"]))
     )

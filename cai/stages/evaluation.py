@@ -55,18 +55,17 @@ def eval_judge(ctx: StageContext) -> tuple[str, EngineConfig | None]:
     """The eval judge's model and engine (None: the run's engine).
 
     A classifier judge is label.classifier's model. A language-model judge is `eval.judge_model`,
-    else the run's model, on `label.judge_engine` when that engine is the label judge's for this
-    very model (label.judge_model unset or the run's model): an engine set up for another judge
-    model is not used for this one.
+    else the label stage's judge (`label.judge_model` on `label.judge_engine`, else the run's
+    model): by default a run's figures come from the judge its gate measured.
     """
     cfg, label, model = ctx.config.eval, ctx.config.label, ctx.config.model
     settings = judge_settings(ctx)
     if settings.judge == "classifier":
         assert settings.classifier is not None  # eval_settings refuses a classifier mode without one
         return settings.classifier.model, None
-    if cfg.judge_model is None and (label.judge_model or model) == model:
-        return model, label.judge_engine
-    return cfg.judge_model or model, None
+    if cfg.judge_model is None:
+        return label.judge_model or model, label.judge_engine
+    return cfg.judge_model, None
 
 
 def open_eval_judge(ctx: StageContext) -> Backend:
