@@ -217,3 +217,16 @@ def test_a_single_url_dumps_and_keys_as_before():
 def test_a_fleet_list_must_be_non_empty_and_distinct(urls):
     with pytest.raises(ValueError, match="each URL once"):
         OpenAIEngine(base_url=urls)
+
+
+def test_the_readme_fleet_example_validates():
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("engine: {kind: openai, base_url: ["))
+    engine = OpenAIEngine.model_validate(yaml.safe_load(line)["engine"])
+    assert engine.urls == ["http://h1:8000/v1", "http://h2:8000/v1"]
+    backend = OpenAIBackend("m", engine, client=type("Client", (), {"close": lambda self: None})())
+    assert backend.fleet.cap == 32  # "at most 64 in flight, 32 on each server", as the README says
