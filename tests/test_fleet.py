@@ -103,6 +103,13 @@ def test_a_failing_server_is_routed_around_and_counted(start, mode):
     assert backend.usage.failed_items == 0
 
 
+def test_every_server_gets_a_try_even_with_no_retries(start):
+    good, bad = start(), start("500")
+    backend = make([bad.url, good.url], max_retries=0, concurrency=1)
+    assert texts(backend, ["one"]) == texts(make(good.url), ["one"])
+    assert backend.servers[bad.url] == ServerCount(requests=1, failures=1, retried_elsewhere=1)
+
+
 def test_healthy_servers_share_the_load_within_their_bound(start):
     first, second = start(), start()
     for srv in (first, second):

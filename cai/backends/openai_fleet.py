@@ -116,18 +116,17 @@ class Fleet:
                 self._count(previous[-1], retried_elsewhere=1)
             previous.append(url)
             self._count(url, requests=1)
+            answered = True  # a non-retryable error is the request's fault: the server did answer
             try:
-                response = send(self.clients[url])
+                return send(self.clients[url])
             except Exception as exc:
                 self._count(url, failures=1)
                 if is_retryable(exc):
                     failed_at[url] = number
-                    self._release(url, answered=False)
-                else:  # the server answered; the request itself is at fault
-                    self._release(url, answered=True)
+                    answered = False
                 raise
-            self._release(url, answered=True)
-            return response
+            finally:
+                self._release(url, answered=answered)
 
         retrying = Retrying(
             retry=retry_if_exception(is_retryable),
