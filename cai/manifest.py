@@ -57,6 +57,10 @@ class StageManifest(BaseModel):
     elapsed_s: float = Field(0.0, description="Wall time summed over all attempts.")
     attempts: int = Field(0, description="How many times the stage was started or resumed.")
     usage: dict[str, int] = Field(default_factory=dict, description="Token accounting, summed over attempts.")
+    servers: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="openai engine: URL -> requests, failures and retried_elsewhere, summed over attempts.",
+    )
     summary: dict[str, Any] = Field(default_factory=dict, description="Stage-specific figures.")
     outputs: dict[str, str] = Field(
         default_factory=dict, description="Name -> file name in the stage folder."

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Section(BaseModel):
@@ -104,10 +104,24 @@ class OpenAIEngine(Section):
     """Any OpenAI-compatible server: `vllm serve`, llama.cpp's server, hosted APIs."""
 
     kind: Literal["openai"] = "openai"
-    base_url: str = Field("http://127.0.0.1:8000/v1", description="Server URL ending in /v1.")
+    base_url: str | list[str] = Field(
+        "http://127.0.0.1:8000/v1",
+        description="Server URL ending in /v1, or a list of them (a fleet serving the same model): "
+        "requests are spread over the servers, and one that fails is retried on the others.",
+    )
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key.")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
-    max_retries: int = Field(5, ge=0, description="Retries on 429, 5xx and timeouts (exponential backoff).")
+    concurrency: int = Field(
+        8,
+        ge=1,
+        description="Requests in flight at once over the whole fleet; each server of a fleet of n takes "
+        "at most ceil(concurrency / n) of them.",
+    )
+    max_retries: int = Field(
+        5,
+        ge=0,
+        description="Retries on 429, 5xx and timeouts (exponential backoff); in a fleet a request is also "
+        "tried once on every server before it fails.",
+    )
     timeout: float = Field(120.0, gt=0, description="Seconds per request.")
     top_logprobs: int = Field(20, ge=1, le=20, description="How many next-token log-probs to ask for.")
     continue_final_message: bool = Field(
@@ -115,6 +129,18 @@ class OpenAIEngine(Section):
         description="Send the judge's answer prefix as a partial assistant turn (vLLM/llama.cpp servers); "
         "false appends it to the last user message instead, for APIs without that option.",
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _urls_are_distinct(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("base_url: a list of servers must be non-empty, each URL once")
+        return value
+
+    @property
+    def urls(self) -> list[str]:
+        """The servers, in config order (one for a single base_url)."""
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
 
 EngineConfig = Annotated[HFEngine | VLLMEngine | OpenAIEngine, Field(discriminator="kind")]

@@ -268,8 +268,12 @@ class StageStore:
             manifest = self.manifest
             manifest.rows = len(self._committed)
             if usage is not None:
-                for key, value in usage.model_dump().items():
+                for key, value in usage.counts().items():
                     manifest.usage[key] = manifest.usage.get(key, 0) + value
+                for url, count in usage.per_server.items():
+                    total = manifest.servers.setdefault(url, {})
+                    for key, value in count.model_dump().items():
+                        total[key] = total.get(key, 0) + value
             self._save_manifest()
 
     def finalize(

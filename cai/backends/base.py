@@ -186,6 +186,22 @@ def normalise(logprobs: Sequence[float]) -> list[float]:
     return [w / total for w in weights]
 
 
+class ServerCount(BaseModel):
+    """What one server of an OpenAI-compatible fleet was sent (`cai.backends.openai_fleet`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests: int = Field(0, description="Attempts sent to this server (retries included).")
+    failures: int = Field(0, description="Attempts that ended in an error here.")
+    retried_elsewhere: int = Field(0, description="Failures here whose request went on to another server.")
+
+    def plus(self, other: ServerCount) -> ServerCount:
+        return ServerCount(**{k: getattr(self, k) + getattr(other, k) for k in ServerCount.model_fields})
+
+    def minus(self, other: ServerCount) -> ServerCount:
+        return ServerCount(**{k: getattr(self, k) - getattr(other, k) for k in ServerCount.model_fields})
+
+
 class Usage(BaseModel):
     """Cumulative token accounting of one backend, for the cost figures stages report."""
 
@@ -201,12 +217,28 @@ class Usage(BaseModel):
     # Option log-probs estimated rather than read (an option outside a server's top-k, see
     # `cai.backends.openai`): still valid scores, but a run should show how many there were.
     floored_logprobs: int = 0
+    # Per server URL, for the openai engine only (empty elsewhere). Backends replace the dict
+    # rather than change it in place, so a `model_copy()` taken before a call stays as it was.
+    per_server: dict[str, ServerCount] = Field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """The flat integer figures (everything but `per_server`)."""
+        return {k: getattr(self, k) for k in Usage.model_fields if k != "per_server"}
 
     def minus(self, earlier: Usage) -> Usage:
-        return Usage(**{k: getattr(self, k) - getattr(earlier, k) for k in Usage.model_fields})
+        mine, theirs = self.counts(), earlier.counts()
+        servers = {
+            url: count.minus(earlier.per_server.get(url, ServerCount()))
+            for url, count in self.per_server.items()
+        }
+        return Usage(**{k: mine[k] - theirs[k] for k in mine}, per_server=servers)
 
     def plus(self, other: Usage) -> Usage:
-        return Usage(**{k: getattr(self, k) + getattr(other, k) for k in Usage.model_fields})
+        mine, theirs = self.counts(), other.counts()
+        servers = dict(self.per_server)
+        for url, count in other.per_server.items():
+            servers[url] = servers.get(url, ServerCount()).plus(count)
+        return Usage(**{k: mine[k] + theirs[k] for k in mine}, per_server=servers)
 
 
 @runtime_checkable

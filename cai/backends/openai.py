@@ -5,7 +5,8 @@
 One HTTP request per chat (its `n` samples ride in the same request), at most `concurrency` in
 flight. The client's own retries are off: tenacity retries 429, 5xx, timeouts and connection
 errors with exponential backoff and jitter (honouring Retry-After up to a limit), and a request
-that still fails fails only its own item, with the reason.
+that still fails fails only its own item, with the reason. `base_url` may list several servers
+(`cai.backends.openai_fleet`): requests spread over them and a failed one moves to another.
 
 Scoring asks for one token with `top_logprobs` and reads each option's log-prob from that list,
 so only single-token options work over HTTP. An option missing from the top-k gets a floor,
@@ -26,24 +27,23 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cai.backends.base import Chat, ChoiceScores, Completion, Sample, ScorePrompt, Usage, request_seed
+from cai.backends.base import (
+    Chat,
+    ChoiceScores,
+    Completion,
+    Sample,
+    ScorePrompt,
+    ServerCount,
+    Usage,
+    request_seed,
+)
+from cai.backends.openai_fleet import Fleet, describe
 from cai.sections import OpenAIEngine, SamplingParams
 
 log = logging.getLogger("cai.backends.openai")
 
 FLOOR_OFFSET = math.log(0.5)  # a missing option is scored half as likely as the least likely shown
 MAX_RETRY_AFTER = 60.0  # seconds; a server asking for longer is treated as failing
-RETRY_STATUSES = {408, 409, 429}  # plus every 5xx
-
-
-def is_retryable(exc: BaseException) -> bool:
-    import openai
-
-    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
-        return True
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in RETRY_STATUSES or exc.status_code >= 500
-    return False
 
 
 def _retry_after(exc: BaseException | None) -> float | None:
@@ -53,12 +53,6 @@ def _retry_after(exc: BaseException | None) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
-
-
-def _describe(exc: BaseException) -> str:
-    status = getattr(exc, "status_code", None)
-    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}{f' {status}' if status else ''}: {message}"
 
 
 def option_logprobs(options: Sequence[str], top: Sequence[tuple[str, float]]) -> tuple[list[float], int]:
@@ -95,18 +89,34 @@ class OpenAIBackend:
         if client is None:
             import openai
 
-            client = openai.OpenAI(
-                base_url=self.config.base_url,
-                api_key=os.environ.get(self.config.api_key_env, "EMPTY"),
-                timeout=self.config.timeout,
-                max_retries=0,  # ours, below, so that every engine retries the same way
-            )
-        self.client = client
+            clients = {
+                url: openai.OpenAI(
+                    base_url=url,
+                    api_key=os.environ.get(self.config.api_key_env, "EMPTY"),
+                    timeout=self.config.timeout,
+                    max_retries=0,  # ours, in the fleet, so that every engine retries the same way
+                )
+                for url in self.config.urls
+            }
+        else:  # tests: one client stands in for every server
+            clients = dict.fromkeys(self.config.urls, client)
         self.retry_wait: Callable[[Any], float] = self._backoff  # tests replace it
+        self.fleet = Fleet(
+            clients,
+            concurrency=self.config.concurrency,
+            max_retries=self.config.max_retries,
+            wait=lambda state: self.retry_wait(state),
+            usage=lambda: self.usage,
+        )
         self._token_counts: dict[str, int | None] = {}
 
+    @property
+    def servers(self) -> dict[str, ServerCount]:
+        """Requests, failures and failures retried elsewhere, per server URL, since the start."""
+        return {url: self.usage.per_server.get(url, ServerCount()) for url in self.config.urls}
+
     def close(self) -> None:
-        self.client.close()
+        self.fleet.close()
 
     # ------------------------------------------------------------------ transport
 
@@ -119,39 +129,27 @@ class OpenAIBackend:
             return asked
         return random.uniform(0, min(30.0, 0.5 * 2 ** (retry_state.attempt_number - 1)))
 
-    def _call(self, **body: Any) -> Any:
-        from tenacity import Retrying, retry_if_exception, stop_after_attempt
-
-        def log_retry(state: Any) -> None:
-            log.warning(
-                "request failed (%s); retry %d of %d",
-                _describe(state.outcome.exception()),
-                state.attempt_number,
-                self.config.max_retries,
-            )
-
-        retrying = Retrying(
-            retry=retry_if_exception(is_retryable),
-            stop=stop_after_attempt(self.config.max_retries + 1),
-            wait=lambda state: self.retry_wait(state),
-            before_sleep=log_retry,
-            reraise=True,
-        )
-        return retrying(self.client.chat.completions.create, model=self.model_id, **body)
-
     def _run(self, bodies: list[dict[str, Any]]) -> list[Any]:
-        """Send every request, at most `concurrency` at once; a failure becomes its exception."""
+        """Send every request, at most `concurrency` at once; a failure becomes its exception.
+
+        Raises `FleetDownError` when no request got through (`Fleet.check_batch`).
+        """
 
         def one(body: dict[str, Any]) -> Any:
             try:
-                return self._call(**body)
+                return self.fleet.call(
+                    lambda client: client.chat.completions.create(model=self.model_id, **body)
+                )
             except Exception as exc:  # noqa: BLE001 - fails only this item, with the reason
                 return exc
 
         if len(bodies) <= 1:
-            return [one(b) for b in bodies]
-        with ThreadPoolExecutor(max_workers=min(self.config.concurrency, len(bodies))) as pool:
-            return list(pool.map(one, bodies))
+            results = [one(b) for b in bodies]
+        else:
+            with ThreadPoolExecutor(max_workers=min(self.config.concurrency, len(bodies))) as pool:
+                results = list(pool.map(one, bodies))
+        self.fleet.check_batch(results)
+        return results
 
     # ------------------------------------------------------------------ generation
 
@@ -185,7 +183,7 @@ class OpenAIBackend:
     @staticmethod
     def _completion(response: Any) -> Completion:
         if isinstance(response, BaseException):
-            return Completion(error=_describe(response))
+            return Completion(error=describe(response))
         choices = sorted(response.choices, key=lambda c: c.index)
         texts = [(c.message.content or "") for c in choices]
         usage = getattr(response, "usage", None)
@@ -249,7 +247,7 @@ class OpenAIBackend:
     @staticmethod
     def _scores(response: Any, options: Sequence[str]) -> tuple[ChoiceScores, int]:
         if isinstance(response, BaseException):
-            return ChoiceScores.failed(options, _describe(response)), 0
+            return ChoiceScores.failed(options, describe(response)), 0
         try:
             first = response.choices[0].logprobs.content[0]
         except (AttributeError, IndexError, TypeError):
@@ -286,7 +284,15 @@ class OpenAIBackend:
                 )
 
     def _count_tokens(self, text: str) -> int | None:
-        root = self.config.base_url.rstrip("/").removesuffix("/v1")
+        """The option's token count from the first server whose /tokenize answers, else None."""
+        for url in self.config.urls:
+            count = self._count_tokens_at(url, text)
+            if count is not None:
+                return count
+        return None
+
+    def _count_tokens_at(self, url: str, text: str) -> int | None:
+        root = url.rstrip("/").removesuffix("/v1")
         payload = json.dumps({"model": self.model_id, "prompt": text, "add_special_tokens": False}).encode()
         request = urllib.request.Request(
             root + "/tokenize",
