@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup setup-browser demo tour test test-faults test-distributed test-engines setup-engines bench clean
+.PHONY: setup setup-browser demo tour test test-faults test-distributed test-engines setup-engines gpu-check gpu-wheels bench clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,23 @@ $(ENGINES_STAMP): $(STAMP) pyproject.toml $(CONSTRAINTS)
 
 test-engines: setup-engines
 	$(BIN)/python -m pytest -q -m engines --timeout 1800
+
+# On a CUDA machine: the tiny models through generation, scoring, SFT, PM, PPO (full and LoRA,
+# bf16) and a 1-process `accelerate launch`; timings and peak memory per part in $(GPU_CHECK_OUT).
+# Uses .venv where there is one, else python3 (a GPU image without cai's venv). SFT and PM need
+# trl and datasets: pass WHEELS=wheels after `make gpu-wheels`, else they are skipped (recorded).
+GPU_CHECK_OUT ?= gpu-check.json
+WHEELS ?=
+GPU_CHECK_ARGS ?=
+GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_OUT) $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
+
+# Wheels of trl, datasets and the few packages of theirs and cai's a GPU image may lack, at this
+# venv's versions, for CPython $(GPU_PYTHON_VERSION) on x86-64 (about 5 MB; nothing else is fetched).
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels: setup
+	$(BIN)/python benchmarks/gpu_check.py --download-wheels wheels --python-version $(GPU_PYTHON_VERSION)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist

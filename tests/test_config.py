@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cai.config import ConfigError, RunConfig, load_config
@@ -12,6 +14,25 @@ from cai.sections import HFEngine, OpenAIEngine
 @pytest.mark.parametrize("path", sorted(shipped_dir("configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     assert isinstance(load_config(path), RunConfig)
+
+
+GPU_CONFIGS = sorted(shipped_dir("configs").glob("gpu-*.yaml"))
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
+def test_gpu_recipes_roll_out_ppo_as_the_readme_says(path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## GPUs and scale", 1)[1].split("\n## ", 1)[0]
+    assert f"configs/{path.name}" in section
+    assert "`ppo.rollout_engine: vllm`" in section
+    config = load_config(path)
+    assert config.ppo.rollout_engine == "vllm"
+    assert config.engine.kind == "vllm"
+    assert "ppo" in config.stages
+
+
+def test_there_are_gpu_recipes():
+    assert len(GPU_CONFIGS) >= 2
 
 
 def test_defaults_without_a_file():

@@ -376,6 +376,30 @@ def test_value_loss_by_hand():
     assert_close(values.grad, t([[-0.3, 0.0, 0.5, 0.0]]), **TIGHT)
 
 
+def test_value_clipfrac_counts_only_tokens_outside_the_band():
+    # fp32, 1e6 tokens, c = 1: `old + clamp(v - old, -c, c)` rounds twice and does not give back
+    # v inside the band, so with returns = v (every unclipped error exactly 0) in-band tokens were
+    # counted as clipped. The reported share must equal the true share outside the band (in fp64).
+    generator = torch.Generator().manual_seed(0)
+    n, c = 1_000_000, 1.0
+    old = torch.randn(1, n, generator=generator)
+    values = torch.randn(1, n, generator=generator)
+    mask = torch.ones(1, n, dtype=torch.bool)
+    outside = int(((values.double() - old.double()).abs() > c).sum())
+    twice_rounded = old + torch.clamp(values - old, -c, c)
+    assert (twice_rounded != torch.clamp(values, old - c, old + c)).any()  # the old form differs
+    _, stats = value_loss(values, old, values.clone(), mask, clip_range_value=c)
+    # the fp32 mean of 0/1 flags holds the count exactly (its rounding error is << 1 / n)
+    assert round(stats["vf_clipfrac"].item() * n) == outside
+    # With ordinary returns the loss is the formula's, computed in fp64.
+    returns = torch.randn(1, n, generator=generator)
+    loss, _ = value_loss(values, old, returns, mask, clip_range_value=c)
+    v, o, r = values.double(), old.double(), returns.double()
+    clipped = o + torch.clamp(v - o, -c, c)
+    expected = 0.5 * torch.maximum((v - r).square(), (clipped - r).square()).mean()
+    assert abs(loss.double().item() - expected.item()) < 1e-5 * expected.item()
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. entropy and log-probs from logits
 # ---------------------------------------------------------------------------------------------

@@ -384,6 +384,7 @@ def test_warning_signs():
         ({"rollout_batch_size": 6, "mini_batch_size": 4}, "must divide"),
         ({"sampling": SamplingParams(stop=["\n"])}, "stop"),
         ({"sampling": SamplingParams(temperature=0)}, "temperature"),
+        ({"sampling": SamplingParams(temperature=1.0, top_p=0.9)}, r"ppo\.sampling\.top_p must be 1"),
         ({"kl": {"kind": "adaptive", "init_coef": 0.0}}, "init_coef"),
         ({"unknown_key": 1}, "Extra inputs"),
     ],
@@ -391,6 +392,23 @@ def test_warning_signs():
 def test_config_rejects_inconsistent_settings(overrides, message):
     with pytest.raises(ValueError, match=message):
         config(**overrides)
+
+
+def test_shipped_configs_sample_ppo_rollouts_from_the_full_softmax():
+    from cai.config import load_config
+    from cai.resources import shipped_dir
+
+    for path in sorted(shipped_dir("configs").glob("*.yaml")):
+        assert load_config(path).ppo.sampling.top_p == 1.0, path.name
+
+
+def test_top_p_below_one_is_a_config_error_naming_the_field(tmp_path):
+    from cai.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("ppo:\n  sampling: {max_new_tokens: 8, temperature: 1.0, top_p: 0.9}\n")
+    with pytest.raises(ConfigError, match=r"ppo\.sampling\.top_p must be 1.*full softmax"):
+        load_config(path)
 
 
 # ------------------------------------------------------------------------------------ distributed

@@ -44,6 +44,11 @@ class Sample(BaseModel):
     token_ids: list[int] | None = Field(
         None, description="Generated token ids (before stop-string trimming), where the engine has them."
     )
+    stop_token_id: int | None = Field(
+        None,
+        description="The EOS token that ended the sample (cut off `token_ids`), where the engine knows it; "
+        "models can have several (Qwen2.5: <|im_end|> and <|endoftext|>).",
+    )
 
 
 class Completion(BaseModel):

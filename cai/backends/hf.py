@@ -245,15 +245,17 @@ class HFBackend(ScoringMixin):
 
     def _to_sample(self, tokens: list[int], eos_ids: set[int], params: SamplingParams) -> Sample:
         """Cut at EOS and at the first stop string; report why the sample ended."""
-        finish = "length"
+        finish, ender = "length", None
         kept = tokens
         for position, token in enumerate(tokens):
             if token in eos_ids:
-                kept, finish = tokens[:position], "stop"
+                kept, finish, ender = tokens[:position], "stop", token
                 break
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
         if params.stop:
             cuts = [text.find(s) for s in params.stop if s and s in text]
             if cuts:
                 text, finish = text[: min(cuts)], "stop"
-        return Sample(text=text.strip(), tokens=len(kept), finish_reason=finish, token_ids=kept)
+        return Sample(
+            text=text.strip(), tokens=len(kept), finish_reason=finish, token_ids=kept, stop_token_id=ender
+        )

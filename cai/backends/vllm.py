@@ -220,11 +220,24 @@ class VLLMBackend:
         return results  # type: ignore[return-value]
 
     def _to_sample(self, output: Any) -> Sample:
+        """As in hf, the EOS that ended a sample is not content: cut it off, and say which it was.
+
+        vLLM ends on the tokenizer's EOS (stop_reason None) and on generation_config's other EOS
+        ids, which it adds as stop token ids (stop_reason = that id; Qwen2.5 has two EOS ids).
+        """
         tokens = list(output.token_ids)
-        if tokens and tokens[-1] in self._eos_ids:  # as in hf: the end-of-turn token is not content
-            tokens = tokens[:-1]
         finish = "length" if output.finish_reason == "length" else "stop"
-        return Sample(text=output.text.strip(), tokens=len(tokens), finish_reason=finish, token_ids=tokens)
+        reason = getattr(output, "stop_reason", None)
+        ender = None
+        if tokens and (tokens[-1] in self._eos_ids or (isinstance(reason, int) and tokens[-1] == reason)):
+            ender, finish = tokens.pop(), "stop"
+        return Sample(
+            text=output.text.strip(),
+            tokens=len(tokens),
+            finish_reason=finish,
+            token_ids=tokens,
+            stop_token_id=ender,
+        )
 
     # ------------------------------------------------------------------ scoring
 

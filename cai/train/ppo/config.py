@@ -118,7 +118,8 @@ class PPOConfig(Section):
     ptx: PTXSection | None = Field(None, description="Pretraining-mix term; null = off.")
     sampling: SamplingParams = Field(
         default_factory=lambda: SamplingParams(max_new_tokens=48, temperature=1.0, top_p=1.0, seed=0),
-        description="Rollout sampling; temperature also scales the log-probs. Its seed is unused (`seed`).",
+        description="Rollout sampling; temperature also scales the log-probs; top_p must be 1 (log-probs are "
+        "read from the full softmax). Its seed is unused (`seed`).",
     )
     rollout_engine: Literal["hf", "vllm"] = Field(
         "hf", description="hf = generate with the live policy; vllm = sync weights into vLLM each step (GPU)."
@@ -162,4 +163,12 @@ class PPOConfig(Section):
             raise ValueError("sampling.repetition_penalty must be 1 for PPO: it makes rollouts off-policy")
         if self.sampling.temperature == 0:
             raise ValueError("PPO needs sampled rollouts: sampling.temperature must be > 0")
+        if self.sampling.top_p < 1.0:
+            # Log-probs, ratios and the KL are read from the full (tempered) softmax; samples drawn
+            # from the truncated nucleus come from another distribution, which biases them.
+            raise ValueError(
+                f"ppo.sampling.top_p must be 1 (got {self.sampling.top_p}): PPO computes log-probs and "
+                "the KL on the full softmax, so rollouts sampled from a truncated nucleus would make "
+                "every ratio biased; lower sampling.temperature instead"
+            )
         return self

@@ -79,7 +79,11 @@ def collate(
     eos_id: int,
     device: Any,
 ) -> Rollouts:
-    """Token tensors of a rollout batch; a failed completion becomes an empty (masked) row."""
+    """Token tensors of a rollout batch; a failed completion becomes an empty (masked) row.
+
+    `eos_id` is appended to a stopped sample only when its engine did not report which EOS token
+    ended it (`Sample.stop_token_id`).
+    """
     prompts, responses, texts, ended, row_chats = [], [], [], [], []
     for chat, completion in zip(chats, completions, strict=True):
         prompt = encode_chat(chat)
@@ -93,8 +97,9 @@ def collate(
                 if ids is None:  # an engine without token ids: re-tokenise the text
                     ids = tokenizer(sample.text, add_special_tokens=False)["input_ids"]
                 ids, text, stop = list(ids), sample.text, sample.finish_reason == "stop"
-                if stop:  # the engines cut the EOS off; emitting it was an action, keep it
-                    ids.append(eos_id)
+                if stop:  # the engines cut the EOS off; emitting it was an action: put back the one
+                    # that was emitted (a model can have several), `eos_id` only if the engine can't say
+                    ids.append(sample.stop_token_id if sample.stop_token_id is not None else eos_id)
             prompts.append(prompt)
             responses.append(ids)
             texts.append(text)
