@@ -245,7 +245,7 @@ class DataParallel:
             if dead:
                 self._fail(missing, dead, "the process is gone (its lock is free)")
             if time.monotonic() - last_change > timeout:
-                self._fail(missing, sorted(missing), f"nothing was committed for {timeout:.0f} s")
+                self._fail(missing, sorted(missing), f"nothing was committed for {timeout:g} s")
             time.sleep(pause)
             pause = min(pause * 2, POLL_S[1])
 
