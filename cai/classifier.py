@@ -158,7 +158,9 @@ class ClassifierScorer:
         path = resolve_model(config.model)
         device = config.device
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            from cai.world import local_cuda_device  # under a launch, this rank's GPU
+
+            device = local_cuda_device() if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         dtype = config.dtype
         if dtype == "auto":

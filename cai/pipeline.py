@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from cai.stages.base import Timer
+from cai.stages.base import Timer, is_main_process
 from cai.stages.context import StageContext
 from cai.stages.registry import STAGE_ORDER, STAGES
 
@@ -35,6 +35,8 @@ def run_pipeline(ctx: StageContext) -> dict:
         STAGES[stage].run(ctx)
         ran[stage] = "skipped" if stage in ctx.skipped else "ran"
     ctx.release()
+    if not is_main_process():  # under a launch every rank ran the stages; rank 0 alone reports
+        return {"stages": {}, "ran": ran, "report": None}
     report: Path | None = None
     if "report" in ctx.config.stages:
         ctx.console.rule("[bold]report")

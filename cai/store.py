@@ -256,7 +256,7 @@ class StageStore:
         lines: list[bytes] = []
         ids: set[str] = set()
         for row in rows:
-            record = self._record(row)
+            record = self.record(row)
             if record["row_id"] in self._committed or record["row_id"] in ids:
                 raise ValueError(f"row_id {record['row_id']!r} is already committed in {self}")
             ids.add(record["row_id"])
@@ -382,8 +382,11 @@ class StageStore:
         self._ledger_size = scan.good_end
         self._committed = {row["row_id"] for row, _ in scan.rows}
 
-    def _record(self, row: BaseModel | dict[str, Any]) -> dict[str, Any]:
-        """The row as it goes into the ledger: JSON-able, with a string row_id and our config_hash."""
+    def record(self, row: BaseModel | dict[str, Any]) -> dict[str, Any]:
+        """The row as it goes into the ledger: JSON-able, with a string row_id and our config_hash.
+
+        Public because the ledger shards of other ranks (`cai.shards`) check their rows the same way.
+        """
         record = dict(jsonable(row))
         if not isinstance(record.get("row_id"), str):
             raise ValueError(f"every committed row needs a string row_id; got {record.get('row_id')!r}")

@@ -26,7 +26,11 @@ def pick_device(requested: str) -> str:
 
     if requested != "auto":
         return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    from cai.world import local_cuda_device
+
+    return local_cuda_device()  # under a launch each rank its own GPU (LOCAL_RANK); cuda:0 alone
 
 
 def pick_dtype(requested: str, device: str, purpose: str):

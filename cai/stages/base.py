@@ -66,8 +66,10 @@ def open_or_skip(ctx: StageContext, name: str, fresh: bool) -> tuple[StageStore,
     """This config's store for stage `name` (discarded first under --fresh), and whether it is
     already complete, in which case the skip is announced and the caller returns the store as is."""
     store = ctx.store(name)
-    if fresh:
+    if fresh and is_main_process():  # under a launch rank 0 alone discards; the others find it gone
         store.discard()
+    if fresh:
+        return store, False
     if not store.is_complete:
         return store, False
     ctx.skipped.add(store.stage)
@@ -81,19 +83,27 @@ def open_or_skip(ctx: StageContext, name: str, fresh: bool) -> tuple[StageStore,
 
 
 def pending_chunks(
-    ctx: StageContext, store: StageStore, rows: Sequence[T], row_id: Callable[[T], str], size: int, what: str
+    ctx: StageContext,
+    store: StageStore,
+    rows: Sequence[T],
+    row_id: Callable[[T], str],
+    size: int,
+    what: str,
+    done: set[str] | None = None,
+    announce: bool = True,
 ) -> list[tuple[int, list[T]]]:
     """The chunks of `rows` (numbered as in a fresh run) still to do in this open store.
 
     Chunk numbers never change on resume, so per-chunk seeds and keys stay those of a run that
-    was never interrupted; rows already committed are left out and a resume says what it found.
+    was never interrupted; rows already committed (`done`, else the store's) are left out and a
+    resume says what it found (when `announce`).
     """
-    if store.repair:
+    if store.repair and announce:
         ctx.console.print(f"[yellow]resuming {store.stage}: {store.repair}[/]")
-    done = store.committed()
+    done = store.committed() if done is None else done
     chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
     todo = [(n, [r for r in chunk if row_id(r) not in done]) for n, chunk in enumerate(chunks)]
-    if done:
+    if done and announce:
         ctx.console.print(f"resuming {store.stage}: {len(done)} of {len(rows)} {what} already committed")
     return [(n, chunk) for n, chunk in todo if chunk]
 

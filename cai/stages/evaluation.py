@@ -22,6 +22,7 @@ from cai.eval_judges import RATE_HARM_TEMPLATE, eval_settings
 from cai.evaluate import EvalConfig
 from cai.records import MetricRow
 from cai.stages.base import Stage, Timer, open_or_skip
+from cai.stages.parallel import DataParallel
 from cai.store import StageStore
 
 if TYPE_CHECKING:
@@ -128,51 +129,49 @@ def run_eval(ctx: StageContext, fresh: bool = False) -> StageStore:
     scorer = open_classifier(ctx, cfg.classifier, "eval.classifier") if cfg.classifier else None
     judge = open_eval_judge(ctx) if judge_settings(ctx).judge == "classifier" else None
     timer = Timer()
-    with store:
-        done = {row["row_id"]: row for row in store.rows()}
-        answers: dict[str, dict[str, list[str | None]]] = {
-            row["policy"]: row["answers"] for row in done.values()
-        }
-        todo = [name for name in policies if f"answers:{name}" not in done]
+    part = DataParallel(ctx, store)  # under a launch each rank answers for its share of the policies
+    with part:
+        todo = part.pending_chunks(list(policies), lambda name: f"answers:{name}", 1, "policies")
         with ctx.progress("eval: policy answers", len(policies)) as advance:
             advance(len(policies) - len(todo))
-            for name in todo:
+            for _, (name,) in todo:
                 backend = ctx.backend(policies[name])
                 before = backend.usage.model_copy()
-                answers[name] = {
+                answers = {
                     split: generate_answers(backend, items, cfg.sampling) for split, items in prompts.items()
                 }
-                store.commit(
-                    [
-                        {
-                            "row_id": f"answers:{name}",
-                            "policy": name,
-                            "model": policies[name],
-                            "answers": answers[name],
-                        }
-                    ],
-                    usage=backend.usage.minus(before),
-                )
+                row = {"row_id": f"answers:{name}", "policy": name, "model": policies[name]}
+                part.commit([{**row, "answers": answers}], usage=backend.usage.minus(before))
                 ctx.model_calls += 1
                 if policies[name] != judge_model:
                     ctx.release(policies[name])
                 advance()
-        judge = judge or open_eval_judge(ctx)
-        before = judge.usage.model_copy()
-        rows = evaluate_policies(answers, judge, cfg, prompts, ctx.templates, ctx.config.label)
-        ctx.model_calls += 1
-        usage = judge.usage.minus(before)
-        if scorer is not None:
-            before = scorer.usage.model_copy()
-            rows += flag_rate_rows(scorer, answers, prompts, cfg.bootstrap, cfg.seed)
-            usage = usage.plus(scorer.usage.minus(before))
-        if pm is not None:
-            rows += pm_accuracy_rows(pm.manifest.summary, cfg.bootstrap, cfg.seed)
-        store.commit([], usage=usage)
-        store.finalize(
-            outputs={"metrics.jsonl": lambda path: atomic_write_jsonl(path, rows)},
-            summary={"metrics": len(rows), "policies": list(policies), "seconds": round(timer.seconds, 1)},
-        )
+        if part.gather():  # rank 0 judges every policy's answers, in the config's policy order
+            by_policy = {row["policy"]: row["answers"] for row in store.rows()}
+            answers_of: dict[str, dict[str, list[str | None]]] = {name: by_policy[name] for name in policies}
+            judge = judge or open_eval_judge(ctx)
+            before = judge.usage.model_copy()
+            rows = evaluate_policies(answers_of, judge, cfg, prompts, ctx.templates, ctx.config.label)
+            ctx.model_calls += 1
+            usage = judge.usage.minus(before)
+            if scorer is not None:
+                before = scorer.usage.model_copy()
+                rows += flag_rate_rows(scorer, answers_of, prompts, cfg.bootstrap, cfg.seed)
+                usage = usage.plus(scorer.usage.minus(before))
+            if pm is not None:
+                rows += pm_accuracy_rows(pm.manifest.summary, cfg.bootstrap, cfg.seed)
+            store.commit([], usage=usage)
+            store.finalize(
+                outputs={"metrics.jsonl": lambda path: atomic_write_jsonl(path, rows)},
+                summary={
+                    "metrics": len(rows),
+                    "policies": list(policies),
+                    "seconds": round(timer.seconds, 1),
+                    **part.summary(),
+                },
+            )
+    if not part.main:
+        return store
     print_metrics(ctx, rows)
     ctx.console.print(
         f"[green]✓[/] eval: {len(rows)} figures for {', '.join(policies)} -> {store.path}", highlight=False

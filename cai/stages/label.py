@@ -40,8 +40,9 @@ from cai.group_labels import settle
 from cai.judge import LabelConfig, LabelMeta, build_label, choose_principles, judge, weighting
 from cai.records import LabelAudit, LabelResult, PreferenceRow
 from cai.sources import load_prompts
-from cai.stages.base import Stage, Timer, open_or_skip, pending_chunks, usage_since
+from cai.stages.base import Stage, Timer, open_or_skip, usage_since
 from cai.stages.label_groups import groups_key, groups_summary, judge_groups
+from cai.stages.parallel import DataParallel
 from cai.store import StageStore
 
 if TYPE_CHECKING:
@@ -81,14 +82,16 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
     items = load_prompts(cfg.prompts)  # bad input fails before the gate loads a model, and before any write
     if cfg.judge == "classifier":  # a label index the classifier lacks fails before any work
         open_classifier(ctx, cfg.classifier, "label.classifier")
-    gate, gate_usage = run_gate(ctx, store)
-    with store:
+    part = DataParallel(ctx, store)  # one process: the store alone, as always
+    # the gate is measured once, by rank 0; under halt the other ranks stop with its error
+    gate, gate_usage = part.on_main(lambda: run_gate(ctx, store)) or (None, None)
+    with part:
         if gate is not None and gate_usage is not None:  # measured now: its cost is this stage's
             atomic_write_json(store.path / GATE_FILE, gate)
             store.add_elapsed(gate.seconds)
             store.commit([], usage=gate_usage)
         rows = [(f"{item.key}:{item.index}", item) for item in items]
-        todo = pending_chunks(ctx, store, rows, lambda row: row[0], cfg.chunk_size, "labels")
+        todo = part.pending_chunks(rows, lambda row: row[0], cfg.chunk_size, "labels")
         meta = LabelMeta(
             judge_model_id=judge_model(ctx),
             policy_model_id=policy,
@@ -109,31 +112,38 @@ def run_label(ctx: StageContext, fresh: bool = False) -> StageStore:
                     usage = usage_since(policy_backend, before[0])
                     if judge_backend is not policy_backend:
                         usage = usage.plus(usage_since(judge_backend, before[1]))
-                    store.commit(results, usage=usage)
+                    part.commit(results, usage=usage)
                     ctx.model_calls += 1
                     advance(len(chunk))
-        results = sorted(store.rows(LabelResult), key=lambda r: _order_key(r.row_id))
-        if ctx.groups:  # proportional: the contested pairs are apportioned now, from the rows alone
-            results = settle(results, cfg, ctx.config.seed)
-        audits = [r.audit for r in results if r.audit is not None]
-        preferences = [p for r in results for p in r.preferences]
-        from cai.audit import judge_quality
+        if part.gather():  # rank 0, with every rank's labels in its ledger
+            results = sorted(store.rows(LabelResult), key=lambda r: _order_key(r.row_id))
+            if ctx.groups:  # proportional: the contested pairs are apportioned now, from the rows alone
+                results = settle(results, cfg, ctx.config.seed)
+            audits = [r.audit for r in results if r.audit is not None]
+            preferences = [p for r in results for p in r.preferences]
+            from cai.audit import judge_quality
 
-        quality = judge_quality(audits)
-        summary = label_summary(quality, preferences, gate, cfg.gate)
-        summary.update(failed_labels=sum(1 for r in results if r.error), seconds=round(timer.seconds, 1))
-        if ctx.groups:
-            summary["groups"] = groups_summary(ctx, audits)
-        outputs = {
-            "audit.jsonl": lambda path: atomic_write_jsonl(path, audits),
-            "audit.parquet": lambda path: write_parquet(path, audits, LabelAudit),
-            "preferences.jsonl": lambda path: atomic_write_jsonl(path, preferences),
-            "preferences.parquet": lambda path: write_parquet(path, preferences, PreferenceRow),
-            "README.md": lambda path: _write_card(path, store, summary, ctx.constitution.hash),
-        }
-        if gate is not None:
-            outputs[GATE_FILE] = lambda path: atomic_write_json(path, gate)
-        store.finalize(outputs=outputs, order=lambda row: _order_key(row["row_id"]), summary=summary)
+            quality = judge_quality(audits)
+            summary = label_summary(quality, preferences, gate, cfg.gate)
+            summary.update(failed_labels=sum(1 for r in results if r.error), seconds=round(timer.seconds, 1))
+            if ctx.groups:
+                summary["groups"] = groups_summary(ctx, audits)
+            outputs = {
+                "audit.jsonl": lambda path: atomic_write_jsonl(path, audits),
+                "audit.parquet": lambda path: write_parquet(path, audits, LabelAudit),
+                "preferences.jsonl": lambda path: atomic_write_jsonl(path, preferences),
+                "preferences.parquet": lambda path: write_parquet(path, preferences, PreferenceRow),
+                "README.md": lambda path: _write_card(path, store, summary, ctx.constitution.hash),
+            }
+            if gate is not None:
+                outputs[GATE_FILE] = lambda path: atomic_write_json(path, gate)
+            store.finalize(
+                outputs=outputs,
+                order=lambda row: _order_key(row["row_id"]),
+                summary={**summary, **part.summary()},
+            )
+    if not part.main:
+        return store
     from cai.audit import print_quality
 
     print_quality(ctx.console, quality, gate, gate_failures(gate, cfg.gate) if gate else [])

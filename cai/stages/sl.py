@@ -19,7 +19,8 @@ from cai.critique import SLConfig, SLMeta, make_jobs, run_chunk
 from cai.export import HubConfig, dataset_card, write_card, write_parquet
 from cai.records import SFTRow, SLRecord
 from cai.sources import load_prompts
-from cai.stages.base import Stage, Timer, open_or_skip, pending_chunks, usage_since
+from cai.stages.base import Stage, Timer, open_or_skip, usage_since
+from cai.stages.parallel import DataParallel
 from cai.store import StageStore
 from cai.verify import Verifier, check_principles, verify_summary
 
@@ -87,8 +88,9 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
     if cfg.verify != "off":
         stages = ["critique", "revision"] if cfg.critique else ["revision"]
         check_principles(ctx.constitution.select(stages=stages, tags=cfg.tags, ids=cfg.principles))
-    with store:
-        todo = pending_chunks(ctx, store, jobs, lambda job: job.row_id, cfg.chunk_size, "rows")
+    part = DataParallel(ctx, store)  # one process: the store alone, as always
+    with part:
+        todo = part.pending_chunks(jobs, lambda job: job.row_id, cfg.chunk_size, "rows")
         if todo:
             backend = ctx.backend(model)
             verifier = make_verifier(ctx)
@@ -119,25 +121,28 @@ def run_sl(ctx: StageContext, fresh: bool = False) -> StageStore:
                     usage = usage_since(backend, before[0])
                     if judge is not None:
                         usage = usage.plus(usage_since(judge, before[1]))
-                    store.commit(records, usage=usage)
+                    part.commit(records, usage=usage)
                     ctx.model_calls += 1
                     advance(len(chunk))
-        rows = sorted_rows(list(store.rows(SLRecord)))
-        sft = [SFTRow(messages=r.messages(), row_id=r.row_id) for r in rows if not r.error]
-        summary = sl_summary(rows)
-        if cfg.verify != "off":
-            summary["verify"] = verify_summary(rows, cfg.verify)
-        card = sl_card(ctx, store, summary, len(sft))
-        store.finalize(
-            outputs={
-                "sft.jsonl": lambda path: atomic_write_jsonl(path, sft),
-                "sft.parquet": lambda path: write_parquet(path, sft, SFTRow),
-                "data.parquet": lambda path: write_parquet(path, rows, SLRecord),
-                "README.md": lambda path: write_card(path, card),
-            },
-            order=lambda row: (row["source"], row["index"], row["sample"]),
-            summary={**summary, "seconds": round(timer.seconds, 1)},
-        )
+        if part.gather():  # rank 0, with every rank's rows in its ledger
+            rows = sorted_rows(list(store.rows(SLRecord)))
+            sft = [SFTRow(messages=r.messages(), row_id=r.row_id) for r in rows if not r.error]
+            summary = sl_summary(rows)
+            if cfg.verify != "off":
+                summary["verify"] = verify_summary(rows, cfg.verify)
+            card = sl_card(ctx, store, summary, len(sft))
+            store.finalize(
+                outputs={
+                    "sft.jsonl": lambda path: atomic_write_jsonl(path, sft),
+                    "sft.parquet": lambda path: write_parquet(path, sft, SFTRow),
+                    "data.parquet": lambda path: write_parquet(path, rows, SLRecord),
+                    "README.md": lambda path: write_card(path, card),
+                },
+                order=lambda row: (row["source"], row["index"], row["sample"]),
+                summary={**summary, "seconds": round(timer.seconds, 1), **part.summary()},
+            )
+    if not part.main:
+        return store
     checked = ""
     if "verify" in summary:
         v = summary["verify"]
