@@ -190,6 +190,7 @@ def _ctx(tmp_path, score_fn, *extra):
         [
             f"run_dir={tmp_path / 'run'}",
             "model=echo",
+            "label.judge=choice",  # these tests script the multiple-choice judge
             "label.prompts.limit=4",
             "label.chunk_size=2",
             "label.principles.count=1",
@@ -266,7 +267,7 @@ def test_cli_halt_names_the_failing_figure_and_how_to_go_on(tmp_path, tiny_model
         "--set",
         f"model={tiny_models.causal_lm}",
     ]
-    args += ["--set", "stages=[label]", "--set", "label.principles.count=1"]
+    args += ["--set", "stages=[label]", "--set", "label.principles.count=1", "--set", "label.judge=choice"]
     args += ["--set", "label.gate.action=halt", "--set", "label.gate.min_agreement=1.0"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert result.exit_code == 1

@@ -234,6 +234,7 @@ def _label_config(tmp_path, model, *extra):
         [
             f"run_dir={tmp_path}",
             f"model={model}",
+            "label.judge=choice",
             "label.prompts.limit=6",
             "label.chunk_size=2",
             "label.principles.count=2",

@@ -27,6 +27,7 @@ GOLD = load_gold("gold_harmless.jsonl")
 PREFERRED = {g.response_a if g.preferred == "a" else g.response_b: g for g in GOLD}
 BASE = [
     "model=echo",
+    "label.judge=choice",  # scripted multiple-choice judges
     "label.principles.count=1",
     "label.prompts.limit=2",
     "label.chunk_size=2",

@@ -54,6 +54,7 @@ def test_shipped_template_files_are_all_used():
         "compare_cot.j2",
         "compare_cot_answer.j2",
         "rate_harm.j2",
+        "likelihood_condition.j2",
     }
     assert {p.name for p in shipped_dir("prompts").glob("*.j2")} == used
 

@@ -148,7 +148,7 @@ def test_eval_is_keyed_by_every_judge_text_and_setting_it_reads(tmp_path):
 
     def eval_key(*overrides: str) -> str:
         # no label stage in this recipe: label settings reach eval only through its judge
-        recipe = ["stages=[sl, sft, eval]", *overrides]
+        recipe = ["stages=[sl, sft, eval]", "label.judge=choice", *overrides]
         return StageContext(load_config("quickstart", recipe)).store("eval").config_hash
 
     base = eval_key()

@@ -218,7 +218,14 @@ def test_the_label_stage_records_where_weights_were_applied(tmp_path):
 
     config = load_config(
         "quickstart",
-        [f"run_dir={tmp_path}", "model=echo", "label.prompts.limit=2", "label.gold=null", "stages=[label]"],
+        [
+            f"run_dir={tmp_path}",
+            "model=echo",
+            "label.judge=choice",
+            "label.prompts.limit=2",
+            "label.gold=null",
+            "stages=[label]",
+        ],
     )
     ctx = StageContext(config, Console(file=open("/dev/null", "w")))
     ctx._backends[f"echo|{config.engine.model_dump_json()}"] = EchoBackend()
