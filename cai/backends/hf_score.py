@@ -105,59 +105,64 @@ class ScoringMixin:
         return results  # type: ignore[return-value]
 
     def score_continuations(self, prompts: Sequence[ContinuationPrompt]) -> list[ContinuationScore]:
-        """Each continuation's summed log-prob; items with the same prompt share one prefix pass.
+        """Each continuation's summed log-prob, every shared prefix computed once (`hf_tree`).
 
-        The likelihood judge asks for the K responses of a label after the same conditioned
-        conversation, so grouping on the exact prompt computes that prompt once and packs the
-        responses behind it: the computed tokens are the floor plus one token per extra response.
+        The likelihood judge's sequences share prefixes at several depths (the conditioning text
+        across labels, a label's conversation across its K responses); the trie packing of
+        `cai.backends.hf_tree` computes each shared token once. With `prefix_reuse: false` every
+        sequence runs alone in plain padded batches (the reference the benchmark compares with).
         """
         import torch
 
+        from cai.backends.hf_tree import Sequence_, score_tree
+
         encoded, results = encode_continuations(self.encode_chat, self.tokenizer, prompts, self.max_length)
-        by_prompt: dict[tuple[int, ...], list[_ScoreJob]] = {}
-        for index, (prompt, tail) in encoded.items():
-            by_prompt.setdefault(tuple(prompt), []).append(_ScoreJob(index, 0, prompt + tail, len(tail)))
-        shared = [
-            g
-            for p, g in by_prompt.items()
-            if self.config.prefix_reuse and len(g) > 1 and len(p) > MIN_SHARED_PREFIX
-        ]
-        alone = sorted(
-            (j for g in by_prompt.values() if g not in shared for j in g), key=lambda j: len(j.tokens)
-        )
-        size = self.config.score_batch_size
-        batches = [
-            (g[i : i + size], len(g[0].tokens) - g[0].option_len - 1)
-            for g in shared
-            for i in range(0, len(g), size)
-        ]
-        batches += [(alone[i : i + size], 0) for i in range(0, len(alone), size)]
         model = self.model(self.score_dtype)
         with torch.inference_mode():
-            for group, prefix in batches:
-                if len(group) == 1:
-                    prefix = 0
-                self.usage.scored_tokens += sum(len(j.tokens) for j in group) - prefix * (len(group) - 1)
-                self.usage.cached_tokens += prefix * (len(group) - 1)
+            if self.config.prefix_reuse:
+                sequences = [Sequence_(i, p + t, len(t)) for i, (p, t) in encoded.items()]
                 try:
-                    values = self._score_group(model, group, prefix, None, False)
+                    scored = score_tree(model, sequences, self.device)
                 except (RuntimeError, ValueError) as exc:
-                    log.warning("scoring failed for %d sequences: %s", len(group), exc)
-                    for job in group:
-                        results[job.item] = ContinuationScore(error=f"scoring failed: {exc}")
-                    continue
-                for job, value in zip(group, values, strict=True):
-                    results[job.item] = ContinuationScore(
-                        logprob=value[0],
-                        tokens=job.option_len,
-                        prompt_tokens=len(job.tokens) - job.option_len,
-                        cached_tokens=prefix if len(group) > 1 else 0,
+                    log.warning("scoring failed for %d sequences: %s", len(sequences), exc)
+                    scored = {}
+                    for seq in sequences:
+                        results[seq.item] = ContinuationScore(error=f"scoring failed: {exc}")
+                for index, (value, computed, shared) in scored.items():
+                    prompt, tail = encoded[index]
+                    self.usage.scored_tokens += computed
+                    self.usage.cached_tokens += shared
+                    results[index] = ContinuationScore(
+                        logprob=value, tokens=len(tail), prompt_tokens=len(prompt), cached_tokens=shared
                     )
+            else:
+                self._continuations_alone(model, encoded, results)
         self.usage.score_calls += 1
         for score in results:
             assert score is not None
             self.usage.failed_items += not score.ok
         return results  # type: ignore[return-value]
+
+    def _continuations_alone(self, model, encoded, results) -> None:
+        """Every sequence computed in full, in padded batches: no sharing at all."""
+        jobs = sorted(
+            (_ScoreJob(i, 0, p + t, len(t)) for i, (p, t) in encoded.items()), key=lambda j: len(j.tokens)
+        )
+        size = self.config.score_batch_size
+        for start in range(0, len(jobs), size):
+            group = jobs[start : start + size]
+            self.usage.scored_tokens += sum(len(j.tokens) for j in group)
+            try:
+                values = self._score_group(model, group, 0, None, False)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("scoring failed for %d sequences: %s", len(group), exc)
+                for job in group:
+                    results[job.item] = ContinuationScore(error=f"scoring failed: {exc}")
+                continue
+            for job, value in zip(group, values, strict=True):
+                results[job.item] = ContinuationScore(
+                    logprob=value[0], tokens=job.option_len, prompt_tokens=len(job.tokens) - job.option_len
+                )
 
     def _groups(self, jobs: list[_ScoreJob]):
         """Yield (group, shared prefix length): prefix-sharing groups first, then plain batches.
