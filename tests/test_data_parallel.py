@@ -1,4 +1,4 @@
-"""Data-parallel sl / label: N processes write what one process writes, and resume from any kill.
+"""Data-parallel sl / label / eval: N processes write what one process writes, and resume from any kill.
 
 The launches are real (`accelerate launch` with 2 CPU processes on gloo, marked `distributed`):
 the CLI on the tiny model, and `stage_crash_script.py` on the echo engine where a test needs to
@@ -132,6 +132,67 @@ def test_sl_and_label_on_two_processes_write_the_bytes_of_one(tmp_path, tiny_mod
         assert all(r["rows"] > 0 and r["tokens"] > 0 for r in ranks), ranks
         assert sum(r["rows"] for r in ranks) == summary(single)["rows" if stage == "sl" else "labels"]
         assert "ranks" not in summary(single)  # one process: the summary it always had
+
+
+@pytest.mark.distributed
+def test_gated_label_and_eval_on_two_processes_write_the_bytes_of_one(tmp_path, tiny_models, lively_tiny_lm):
+    gold = tmp_path / "gold.jsonl"
+    shipped = (ROOT / "cai/data/gold_harmless.jsonl").read_text().splitlines()
+    gold.write_text("".join(line + "\n" for line in shipped[:4]))  # four gold pairs
+
+    def config(name: str) -> Path:
+        data = {
+            "run_dir": str(tmp_path / name),
+            "model": str(tiny_models.causal_lm),
+            "label": {
+                "prompts": {"path": "red_team.jsonl", "limit": 3},
+                "gold": str(gold),  # the gate is on: rank 0 measures it, rank 1 waits
+                "judge": "choice",
+                "chunk_size": 1,
+                "sampling": {"max_new_tokens": 8},
+                "principles": {"count": 2},
+            },
+            # two policies, dealt one to each rank; rank 0 judges both
+            "eval": {
+                "policies": {"base": str(tiny_models.causal_lm), "lively": lively_tiny_lm},
+                "limit": 2,
+                "bootstrap": 50,
+                "sampling": {"max_new_tokens": 8},
+            },
+            "stages": ["label", "eval"],
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    one, two = config("one"), config("two")
+    one_process("-m", "cai", "run", str(one))
+    launch(2, "-m", "cai", "label", "-c", str(two))
+    launch(2, "-m", "cai", "eval", "-c", str(two))
+    single, double = folder(tmp_path / "one", "label"), folder(tmp_path / "two", "label")
+    assert single.name == double.name
+    assert_same_outputs(single, double, "label")
+    assert list(double.rglob("gate.json")) == [double / "gate.json"]  # measured once, by rank 0
+
+    def timeless(check: dict) -> dict:  # all but the wall-clock seconds the measurement took
+        return {k: v for k, v in check.items() if k != "seconds"}
+
+    assert timeless(json.loads((single / "gate.json").read_text())) == timeless(
+        json.loads((double / "gate.json").read_text())
+    )
+    gates = [summary(path)["gate"] for path in (single, double)]
+    assert gates[0]["check"]["n"] == 4
+    assert [{**g, "check": timeless(g["check"])} for g in gates] == [
+        {**gates[0], "check": timeless(gates[0]["check"])}
+    ] * 2
+    assert [r["rank"] for r in summary(double)["ranks"]] == [0, 1]
+    assert all(r["rows"] > 0 for r in summary(double)["ranks"])
+
+    single, double = folder(tmp_path / "one", "eval"), folder(tmp_path / "two", "eval")
+    assert single.name == double.name
+    assert (single / "metrics.jsonl").read_bytes() == (double / "metrics.jsonl").read_bytes()
+    assert [(r["rank"], r["rows"]) for r in summary(double)["ranks"]] == [(0, 1), (1, 1)]
+    assert summary(double)["policies"] == ["base", "lively"]
 
 
 @pytest.mark.distributed
