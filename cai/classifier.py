@@ -263,21 +263,10 @@ def classifier_judge(
         votes = []
         for i, j in itertools.combinations(range(len(texts)), 2):
             first, second = read[(label, i)], read[(label, j)]
-            reading = one_reading_verdict(
-                p_better(first.score, second.score, settings.temperature), config.min_margin
-            )
+            p = p_better(first.score, second.score, settings.temperature)
             votes.append(
-                PairVote(
-                    principle_id=PRINCIPLE_ID,
-                    weight=1.0,
-                    i=i,
-                    j=j,
-                    orders=[],
-                    p_i_better=reading.p,
-                    position_consistent=None,
-                    verdict=None if not reading.is_verdict else (i if reading.side > 0 else j),
-                    no_verdict=reading.reason,
-                    classifier_scores=[first, second],
+                PairVote.one_reading(
+                    PRINCIPLE_ID, 1.0, i, j, p, config.min_margin, classifier_scores=[first, second]
                 )
             )
         per_label.append(votes)

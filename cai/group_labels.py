@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from cai.aggregate import DerivedPair, aggregate, derive_pairs
 from cai.backends.base import Chat
 from cai.groups import PER_LABEL_RULES, Contest, GroupsRule, Seat, apportion, collective_ranking
-from cai.judge import LabelConfig, LabelMeta, margin_from_soft_label, principle_votes, training_use
+from cai.judge import LabelConfig, LabelMeta, preference_rows, principle_votes, training_use
 from cai.records import DecidedBy, GroupVerdict, LabelAudit, LabelResult, PairVote, PreferenceRow
 from cai.rules import PrincipleVote, RuleOutcome, mean_rule
 from cai.verdict import TIE_TOL
@@ -227,27 +227,8 @@ def group_label(
         groups=groups,
         decided_by=decided_by,
     )
-    rows = []
-    for pair, use, decided in zip(pairs, uses, decided_by, strict=True):
-        if use != "row":
-            continue
-        downweighted = pair.contested and config.contested.policy == "downweight"
-        rows.append(
-            PreferenceRow(
-                prompt=conversation,
-                chosen=[{"role": "assistant", "content": responses[pair.chosen]}],
-                rejected=[{"role": "assistant", "content": responses[pair.rejected]}],
-                source="ai-harmless",
-                label_id=label_id,
-                soft_label=pair.soft_label,
-                margin=margin_from_soft_label(pair.soft_label),
-                weight=config.contested.weight if downweighted else 1.0,
-                contested=pair.contested,
-                verdict=pair.has_verdict,
-                group=decided.group,
-            )
-        )
-    return audit, rows
+    groups = [decided.group for decided in decided_by]
+    return audit, preference_rows(conversation, responses, pairs, uses, label_id, config, groups)
 
 
 # --------------------------------------------------------------------------- the proportional pass

@@ -438,8 +438,22 @@ def build_label(
         constitution_hash=meta.constitution_hash,
         config_hash=meta.config_hash,
     )
+    return audit, preference_rows(conversation, responses, result.pairs, uses, label_id, config)
+
+
+def preference_rows(
+    conversation: Chat,
+    responses: Sequence[str],
+    pairs: Sequence,
+    uses: Sequence[TrainingUse],
+    label_id: str,
+    config: LabelConfig,
+    groups: Sequence[str | None] | None = None,
+) -> list[PreferenceRow]:
+    """The training rows of one label: its derived pairs whose use is "row" (`groups`: the group
+    that decided each pair, in pluralistic runs)."""
     rows = []
-    for pair, use in zip(result.pairs, uses, strict=True):
+    for k, (pair, use) in enumerate(zip(pairs, uses, strict=True)):
         if use != "row":
             continue
         downweighted = pair.contested and config.contested.policy == "downweight"
@@ -455,6 +469,7 @@ def build_label(
                 weight=config.contested.weight if downweighted else 1.0,
                 contested=pair.contested,
                 verdict=pair.has_verdict,
+                group=groups[k] if groups is not None else None,
             )
         )
-    return audit, rows
+    return rows

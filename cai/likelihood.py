@@ -173,20 +173,9 @@ def likelihood_judge(
                     if a.score is None or b.score is None
                     else preference(a.score, b.score, config.temperature)
                 )
-                reading = one_reading_verdict(p, min_margin)
+                weight = principle.weight if weighted else 1.0
                 votes.append(
-                    PairVote(
-                        principle_id=principle.id,
-                        weight=principle.weight if weighted else 1.0,
-                        i=i,
-                        j=j,
-                        orders=[],
-                        p_i_better=reading.p,
-                        position_consistent=None,
-                        verdict=None if not reading.is_verdict else (i if reading.side > 0 else j),
-                        no_verdict=reading.reason,
-                        likelihood=[a, b],
-                    )
+                    PairVote.one_reading(principle.id, weight, i, j, p, min_margin, likelihood=[a, b])
                 )
         per_label.append(votes)
     return per_label

@@ -15,7 +15,7 @@ from cai.aggregate import DerivedPair
 from cai.backends.base import Chat
 from cai.rules import RuleOutcome
 from cai.sections import SamplingParams
-from cai.verdict import NoVerdict
+from cai.verdict import NoVerdict, one_reading_verdict
 
 
 class Row(BaseModel):
@@ -235,6 +235,27 @@ class PairVote(OmitNone):
     classifier_scores: list[ResponseScore] | None = Field(
         None, description="Classifier judge only: the scores of responses i and j that gave p_i_better."
     )
+
+    @classmethod
+    def one_reading(
+        cls, principle_id: str, weight: float, i: int, j: int, p: float | None, min_margin: float, **evidence
+    ) -> PairVote:
+        """The vote of a judge with no presentation order (likelihood, classifier): one reading
+        of P(i better), a verdict when at least `min_margin` from 0.5 (`one_reading_verdict`);
+        `evidence` is the judge's own numbers (its `likelihood` or `classifier_scores`)."""
+        reading = one_reading_verdict(p, min_margin)
+        return cls(
+            principle_id=principle_id,
+            weight=weight,
+            i=i,
+            j=j,
+            orders=[],
+            p_i_better=reading.p,
+            position_consistent=None,
+            verdict=None if not reading.is_verdict else (i if reading.side > 0 else j),
+            no_verdict=reading.reason,
+            **evidence,
+        )
 
 
 TrainingUse = Literal["row", "no-verdict", "abstained", "rule-conflict", "contested", "identical"]
