@@ -170,10 +170,13 @@ class Constitution(_Strict):
         """Canonical content hash: the same principles give the same hash whatever the YAML layout."""
         return content_hash(self.model_dump(mode="json"))
 
-    def stage_hash(self, stage: Literal["sl", "compare"]) -> str:
+    def stage_hash(self, stage: Literal["sl", "compare"], judge: str = "choice") -> str:
         """Hash of only what a stage reads, so editing a comparison question re-runs labelling
-        but not the supervised stage (and a critique edit leaves existing labels alone)."""
+        but not the supervised stage (and a critique edit leaves existing labels alone). A
+        likelihood judge also reads each principle's follows/violates texts."""
         fields = {"critique", "revision"} if stage == "sl" else {"compare"}
+        if stage == "compare" and judge == "likelihood":
+            fields |= {"follows", "violates"}
         examples = self.examples.critique_revision if stage == "sl" else self.examples.compare
         return content_hash(
             {

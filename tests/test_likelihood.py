@@ -363,3 +363,22 @@ def test_label_stage_end_to_end_with_a_likelihood_judge(tmp_path, lively_tiny_lm
     assert first.principle_id in row
     assert f"{first.likelihood[0].score:.3f}" in row and f"{first.likelihood[1].score:.3f}" in row
     assert "n/a (no comparison read in both orders)" in shown
+
+
+def test_editing_a_likelihood_text_changes_what_labelling_reads_but_not_sl():
+    """A principle's follows/violates texts are read by the likelihood judge: a label stage keyed
+    without them would reuse labels made under the old texts."""
+    original = CONSTITUTION
+    edited = original.model_copy(
+        update={
+            "principles": [
+                p.model_copy(update={"follows": p.follows + " Always.", "violates": p.violates})
+                if p.follows is not None
+                else p
+                for p in original.principles
+            ]
+        }
+    )
+    assert edited.stage_hash("compare", "likelihood") != original.stage_hash("compare", "likelihood")
+    assert edited.stage_hash("compare") == original.stage_hash("compare")  # the choice judge never reads them
+    assert edited.stage_hash("sl") == original.stage_hash("sl")

@@ -100,7 +100,7 @@ def key(ctx: StageContext) -> StageStore:
             "judge": settings.judge_settings(),
             "templates": ctx.builder.template_hashes(sorted(set(read))),
             "constitutions": {
-                name: load_constitution(name).stage_hash("compare")
+                name: load_constitution(name).stage_hash("compare", judge_settings(ctx).judge)
                 for name in (cfg.helpful_constitution, cfg.harm_constitution)
             },
         },

@@ -65,7 +65,7 @@ def key(ctx: StageContext) -> StageStore:
         "seed": ctx.config.seed,
         "constitution": ctx.constitution.name,
         # only what this stage reads: editing another stage's texts must not redo this one
-        "constitution_stage_hash": ctx.constitution.stage_hash("compare"),
+        "constitution_stage_hash": ctx.constitution.stage_hash("compare", cfg.judge),
         "templates": ctx.builder.template_hashes(cfg.template_names()),
         **groups_key(ctx),  # nothing in one-group runs: their keys stay as they were
     }

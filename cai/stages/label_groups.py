@@ -58,7 +58,7 @@ def groups_key(ctx: StageContext) -> dict:
                 "name": g.spec.name,
                 "weight": g.spec.weight,
                 "constitution": g.constitution.name,
-                "constitution_stage_hash": g.constitution.stage_hash("compare"),
+                "constitution_stage_hash": g.constitution.stage_hash("compare", ctx.config.label.judge),
             }
             for g in ctx.groups
         ],

@@ -53,7 +53,7 @@ def key(ctx: StageContext) -> StageStore:
             "few_shot": label.few_shot,
             "model": label.judge_model or ctx.config.model,
             "engine": label.judge_engine.model_dump(mode="json") if label.judge_engine else None,
-            "constitution_stage_hash": ctx.constitution.stage_hash("compare"),
+            "constitution_stage_hash": ctx.constitution.stage_hash("compare", label.judge),
             "templates": ctx.builder.template_hashes(label.template_names()),
         }
     return StageStore(ctx.run_dir, NAME, config)
