@@ -51,3 +51,36 @@ def echo_context(path: Path, judge: Callable = prefers_later) -> StageContext:
     ctx = StageContext(load_config(path), Console(file=open(os.devnull, "w")), config_source=str(path))
     ctx._backends[f"echo|{ctx.config.engine.model_dump_json()}"] = EchoBackend(score_fn=judge)
     return ctx
+
+
+# --------------------------------------------------------------------------- scripted gold judges
+
+
+def gold_preferred() -> dict:
+    """The shipped gold pairs by the text of their preferred response."""
+    from cai.gate import load_gold
+
+    return {g.response_a if g.preferred == "a" else g.response_b: g for g in load_gold("gold_harmless.jsonl")}
+
+
+def options(prompt) -> tuple[str, str]:
+    """The two responses a multiple-choice judge prompt shows as (A) and (B)."""
+    text = prompt.chat[-1]["content"]
+    a = text.split("Option (A): ")[1].split("\n\nOption (B): ")[0]
+    b = text.split("Option (B): ")[1].split("\n\n")[0]
+    return a, b
+
+
+def knows_the_answer(categories):
+    """A scripted choice judge: prefers the human's choice, in both orders, on gold pairs of these
+    categories, and says "(A)" elsewhere."""
+    preferred = gold_preferred()
+
+    def score(prompt, opts):
+        a, b = options(prompt)
+        pair = preferred.get(a) or preferred.get(b)
+        if pair is None or pair.category not in categories:
+            return [0.8, 0.2]
+        return [0.9, 0.1] if a in preferred else [0.1, 0.9]
+
+    return score

@@ -22,6 +22,8 @@ from cai.gate import CATEGORIES, load_gold
 from cai.stages.context import StageContext
 from cai.stages.label import GATE_FILE, run_label
 from cai.testing import EchoBackend
+from tests.echo_recipe import knows_the_answer as scripted_judge
+from tests.echo_recipe import options
 
 GOLD = load_gold("gold_harmless.jsonl")
 PREFERRED = {g.response_a if g.preferred == "a" else g.response_b: g for g in GOLD}
@@ -35,28 +37,12 @@ BASE = [
 ]
 
 
-def options(prompt) -> tuple[str, str]:
-    text = prompt.chat[-1]["content"]
-    a = text.split("Option (A): ")[1].split("\n\nOption (B): ")[0]
-    b = text.split("Option (B): ")[1].split("\n\n")[0]
-    return a, b
-
-
 def always_a(prompt, opts):
     return [0.8, 0.2]
 
 
 def knows_the_answer(categories=CATEGORIES):
-    """Prefers the human's choice, in both orders, on gold pairs of these categories; "(A)" elsewhere."""
-
-    def score(prompt, opts):
-        a, b = options(prompt)
-        pair = PREFERRED.get(a) or PREFERRED.get(b)
-        if pair is None or pair.category not in categories:
-            return [0.8, 0.2]
-        return [0.9, 0.1] if a in PREFERRED else [0.1, 0.9]
-
-    return score
+    return scripted_judge(categories)
 
 
 @pytest.fixture
