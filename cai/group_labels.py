@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from cai.aggregate import DerivedPair, aggregate, derive_pairs
 from cai.backends.base import Chat
 from cai.groups import PER_LABEL_RULES, Contest, GroupsRule, Seat, apportion, collective_ranking
-from cai.judge import LabelConfig, LabelMeta, preference_rows, principle_votes, training_use
+from cai.judge import LabelConfig, LabelMeta, audit_provenance, preference_rows, principle_votes, training_use
 from cai.records import DecidedBy, GroupVerdict, LabelAudit, LabelResult, PairVote, PreferenceRow
 from cai.rules import PrincipleVote, RuleOutcome, mean_rule
 from cai.verdict import TIE_TOL
@@ -214,16 +214,7 @@ def group_label(
         contested=any(p.contested for p in pairs),
         has_verdict=has_verdict,
         principle_agreement=agreeing / opinionated if opinionated > 0 else None,
-        min_margin=config.min_margin,
-        weighting=meta.weighting,
-        judge_model_id=meta.judge_model_id,
-        policy_model_id=meta.policy_model_id,
-        judge=config.judge,
-        cot=config.cot,
-        template_hashes=meta.template_hashes,
-        constitution=meta.constitution,
-        constitution_hash=meta.constitution_hash,
-        config_hash=meta.config_hash,
+        **audit_provenance(config, meta),
         groups=groups,
         decided_by=decided_by,
     )

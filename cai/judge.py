@@ -401,6 +401,23 @@ def training_use(
     return "row"
 
 
+def audit_provenance(config: LabelConfig, meta: LabelMeta) -> dict:
+    """The fields every audit row carries about the judge and the run that made it (one-group
+    and group labels alike)."""
+    return {
+        "min_margin": config.min_margin,
+        "weighting": meta.weighting,
+        "judge_model_id": meta.judge_model_id,
+        "policy_model_id": meta.policy_model_id,
+        "judge": config.judge,
+        "cot": config.cot,
+        "template_hashes": meta.template_hashes,
+        "constitution": meta.constitution,
+        "constitution_hash": meta.constitution_hash,
+        "config_hash": meta.config_hash,
+    }
+
+
 def build_label(
     row_id: str,
     conversation: Chat,
@@ -427,16 +444,7 @@ def build_label(
         contested=result.contested,
         has_verdict=result.has_verdict,
         principle_agreement=result.principle_agreement,
-        min_margin=config.min_margin,
-        weighting=meta.weighting,
-        judge_model_id=meta.judge_model_id,
-        policy_model_id=meta.policy_model_id,
-        judge=config.judge,
-        cot=config.cot,
-        template_hashes=meta.template_hashes,
-        constitution=meta.constitution,
-        constitution_hash=meta.constitution_hash,
-        config_hash=meta.config_hash,
+        **audit_provenance(config, meta),
     )
     return audit, preference_rows(conversation, responses, result.pairs, uses, label_id, config)
 
